@@ -1,0 +1,272 @@
+"""Stage 1: run the teacher once over a dataset and write its outputs to a TeacherCache.
+
+Three things overlap: DataLoader workers decode images and apply views, the main thread
+runs the teacher, and a writer thread encodes and writes finished shards (bounded queue,
+so the teacher never waits on more than one shard of writing). Work is split by whole
+shards, each written by one process in one assignment; finished shards are marked, so a
+killed run resumes where it stopped and several ranks (torchrun) never share a shard.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import distributed as du
+from ..data.dataset import ViewDataset, load_dataset
+from ..data.records import DataError, DetectionData
+from ..models.checkpoint import file_sha256, load_weights
+from ..models.teacher import teacher_outputs
+from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
+from ..progress import log, progress
+from ..views import Preprocessing, ViewSet, view_geometry
+from .store import CacheItem, CacheLayout, CacheWriter, LevelSpec, NonFiniteError, TeacherCache
+
+DEFAULT_CODEC = "fp16"
+SHARD_TARGET_BYTES = 128 << 20  # decoded feature bytes per shard: big files, bounded writer memory
+
+
+@dataclass
+class ExtractOptions:
+    teacher: str
+    checkpoint: str
+    data: str
+    out: str
+    split: str = "train"
+    views: str = "orig,hflip"
+    codec: str = DEFAULT_CODEC
+    proposals: int = 1000
+    pre_nms_top_n: int = 2000
+    backbone: bool = False
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "cpu"
+    amp: bool = False  # fp32 teacher by default: the cache is the reference the students learn from
+    items_per_shard: int | None = None
+    progress: bool = True
+
+
+def feature_level_names(spec: ModelSpec) -> list[str]:
+    return [f"p{i}" for i in (range(2, 7) if spec.family == "faster_rcnn" else range(3, 8))]
+
+
+def backbone_level_names(spec: ModelSpec) -> list[str]:
+    return [f"c{i}" for i in (range(2, 6) if spec.family == "faster_rcnn" else range(3, 6))]
+
+
+def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views: ViewSet, codec: str,
+                proposals: int, backbone: bool, items_per_shard: int | None) -> CacheLayout:
+    """Array shapes from annotation sizes alone (no image is decoded)."""
+    max_h = max_w = 0
+    for r in data.records:
+        g = view_geometry((r.height, r.width), pre, False)
+        max_h, max_w = max(max_h, g.canvas_size[0]), max(max_w, g.canvas_size[1])
+    # ceil(H / stride) is the size torchvision computes at every level, pooled extras included.
+    levels = [LevelSpec(n, spec.fpn_channels, math.ceil(max_h / s), math.ceil(max_w / s))
+              for n, s in zip(feature_level_names(spec), spec.strides)]
+    body_strides = [4, 8, 16, 32] if spec.family == "faster_rcnn" else [8, 16, 32]
+    bb_levels = [LevelSpec(n, c, math.ceil(max_h / s), math.ceil(max_w / s))
+                 for n, c, s in zip(backbone_level_names(spec), spec.backbone_channels, body_strides)] if backbone else []
+    if items_per_shard is None:
+        item_bytes = sum(l.channels * l.max_h * l.max_w * 4 for l in levels + bb_levels)
+        items_per_shard = int(min(64, max(1, SHARD_TARGET_BYTES // max(item_bytes, 1))))
+    num_items = len(data.records) * len(views)
+    max_gt = max([len(r.boxes) for r in data.records] + [1])
+    return CacheLayout(num_items=num_items, items_per_shard=min(items_per_shard, max(num_items, 1)),
+                       feature_levels=levels, backbone_levels=bb_levels,
+                       max_proposals=proposals if spec.family == "faster_rcnn" else 0, max_gt=max_gt,
+                       num_logits=data.num_classes if spec.family == "faster_rcnn" else 0, codec=codec,
+                       num_views=len(views))
+
+
+def provenance(spec: ModelSpec, checkpoint_sha: str, data: DetectionData, pre: Preprocessing, views: ViewSet,
+               opts: ExtractOptions) -> dict:
+    """What the cache depends on; training checks the dataset and preprocessing parts."""
+    return {
+        "teacher": spec_dict(spec),
+        "teacher_checkpoint_sha256": checkpoint_sha,
+        "dataset": {"name": data.name, "split": data.split, "fingerprint": data.fingerprint(),
+                    "num_images": len(data.records), "num_classes": data.num_classes,
+                    "class_names": data.class_names},
+        "views": list(views.names),
+        "preprocessing": pre.to_dict(),
+        "proposals": {"post_nms_top_n": opts.proposals, "pre_nms_top_n_per_level": opts.pre_nms_top_n},
+        "backbone_features": opts.backbone,
+        "teacher_amp": opts.amp,
+    }
+
+
+class _ItemDataset(Dataset):
+    """Cache item index -> model input; errors come back as values so the message stays one line."""
+
+    def __init__(self, views_ds: ViewDataset, num_views: int):
+        self.views_ds, self.num_views = views_ds, num_views
+
+    def __len__(self):
+        return len(self.views_ds) * self.num_views
+
+    def __getitem__(self, item: int):
+        try:
+            sample = self.views_ds.sample(item // self.num_views, item % self.num_views)
+        except DataError as e:
+            return {"item": item, "error": str(e)}
+        sample["item"] = item
+        return sample
+
+
+def _collate(samples):
+    return samples
+
+
+class _ShardWriterThread:
+    """Encodes and writes finished shards off the teacher's thread; a bounded queue keeps
+    memory to (queue size + 1) shards and stalls the teacher only when writing falls behind."""
+
+    def __init__(self, writer: CacheWriter, max_pending: int = 2):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread will raise it
+            shard, items, done = job
+            try:
+                self.writer.write_shard(shard, items)
+                done()
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def put(self, shard: int, items: list[CacheItem], done) -> None:
+        self.check()
+        self.queue.put((shard, items, done))
+
+    def check(self) -> None:
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, NonFiniteError):
+                raise DataError(f"teacher output is not finite: {e}; the cache was not written for this shard") from None
+            raise e
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+def _prepare_teacher(spec: ModelSpec, checkpoint: str, num_classes: int, device: torch.device):
+    teacher = build_detector(spec, num_classes)
+    load_weights(teacher, checkpoint, backbone_only=False)
+    return teacher.eval().to(device).requires_grad_(False)
+
+
+def extract(opts: ExtractOptions) -> dict:
+    """Writes (or finishes) a cache at opts.out; returns a summary. Safe to call again."""
+    device = du.init_from_env(opts.device)
+    spec = load_model_spec(opts.teacher)
+    pre = spec.preprocessing
+    views = ViewSet.parse(opts.views)
+    data = load_dataset(opts.data, opts.split)
+    if not Path(opts.checkpoint).is_file():
+        raise DataError(f"{opts.checkpoint}: teacher checkpoint not found")
+    from .codecs import CODECS
+    if opts.codec not in CODECS:
+        raise DataError(f"--codec {opts.codec!r}: choose one of {', '.join(CODECS)}")
+    layout = plan_layout(spec, data, pre, views, opts.codec, opts.proposals, opts.backbone, opts.items_per_shard)
+    prov = provenance(spec, file_sha256(opts.checkpoint), data, pre, views, opts)
+
+    # Rank 0 creates (or checks) the store; the others open it after it exists.
+    writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True) if du.is_main_process() else None
+    du.barrier()
+    if writer is None:
+        writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=False)
+    if writer.complete:
+        log(f"{opts.out}: cache is already complete ({layout.num_items} items); nothing to do")
+        return {"out": opts.out, "complete": True, "written_shards": 0, "items": layout.num_items}
+    pending = [s for s in writer.pending_shards() if s % du.world_size() == du.rank()]
+    total_pending = len(writer.pending_shards())
+    log(f"{data.summary()}\nextracting {spec.name} -> {opts.out}: {layout.num_items} items "
+        f"({len(data.records)} images x {len(views)} views), {layout.num_shards} shards of "
+        f"{layout.items_per_shard}, codec {opts.codec}; {total_pending} shards to do"
+        + (f", {len(pending)} on this rank" if du.world_size() > 1 else ""))
+
+    teacher = _prepare_teacher(spec, opts.checkpoint, data.num_classes, device)
+    dataset = _ItemDataset(ViewDataset(data, pre, views), len(views))
+    order = [i for s in pending for i in writer.shard_items(s)]
+    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=_collate,
+                        num_workers=opts.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if opts.workers else None)
+    bar = progress(len(order), "extract", enabled=opts.progress)
+    write_thread = _ShardWriterThread(writer)
+    buffers: dict[int, dict[int, CacheItem]] = {s: {} for s in pending}
+    shard_of = {i: s for s in pending for i in writer.shard_items(s)}
+    start, written = time.time(), [0]
+    use_amp = opts.amp and device.type == "cuda"
+    try:
+        for batch in loader:
+            for s in batch:
+                if "error" in s:
+                    raise DataError(s["error"])
+            images = [s["image"].to(device, non_blocking=True) for s in batch]
+            with torch.autocast(device.type, enabled=use_amp):
+                outs = teacher_outputs(teacher, images, [s["boxes"] for s in batch], opts.proposals,
+                                       opts.pre_nms_top_n, opts.backbone)
+            for s, o in zip(batch, outs):
+                g = s["geometry"]
+                item = CacheItem(
+                    image_index=s["image_index"], view_index=s["view_index"], image_size=g.image_size,
+                    canvas_size=g.canvas_size, features=[f.cpu() for f in o.features],
+                    proposals=o.proposals.cpu(), objectness=o.objectness.cpu(),
+                    proposal_logits=o.proposal_logits.cpu(), gt_boxes=o.gt_boxes.cpu(),
+                    gt_logits=o.gt_logits.cpu(),
+                    backbone_features=[b.cpu() for b in o.backbone_features] if o.backbone_features else None)
+                _check_finite(item, data)
+                shard = shard_of[s["item"]]
+                buf = buffers[shard]
+                buf[s["item"]] = item
+                if len(buf) == len(writer.shard_items(shard)):
+                    items = [buf[i] for i in writer.shard_items(shard)]
+                    del buffers[shard]
+                    write_thread.put(shard, items, lambda: written.__setitem__(0, written[0] + 1))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        write_thread.close()
+    du.barrier()
+    complete = writer.mark_complete() if du.is_main_process() else False
+    seconds = time.time() - start
+    summary = {"out": opts.out, "complete": complete, "written_shards": written[0], "items": len(order),
+               "seconds": round(seconds, 1), "items_per_s": round(len(order) / max(seconds, 1e-9), 2)}
+    if du.is_main_process():
+        log(f"wrote {written[0]} shards ({len(order)} items) in {seconds:.1f}s"
+            + ("; cache complete" if complete else "; other shards remain (run again to finish)"))
+    return summary
+
+
+def _check_finite(item: CacheItem, data: DetectionData) -> None:
+    """Stops before a poisoned value reaches the store, naming the image."""
+    tensors = {"features": item.features, "proposals": [item.proposals], "objectness": [item.objectness],
+               "proposal_logits": [item.proposal_logits], "gt_logits": [item.gt_logits],
+               "backbone": item.backbone_features or []}
+    for name, ts in tensors.items():
+        for t in ts:
+            if not torch.isfinite(t).all():
+                record = data.records[item.image_index]
+                raise DataError(f"teacher output {name} is NaN/Inf for image id {record.image_id} ({record.file}), "
+                                f"view {item.view_index}; check the teacher checkpoint. Nothing was written for it")
+
+
+__all__ = ["DEFAULT_CODEC", "ExtractOptions", "TeacherCache", "extract", "plan_layout"]

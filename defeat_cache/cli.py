@@ -1,0 +1,249 @@
+"""The `defeat-cache` command. Thin: parse options, call library functions, print results."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+def _user_errors(fn):
+    """User mistakes (bad paths, configs, caches) end in one clear line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .cache.store import CacheError
+        from .data.records import DataError
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, CacheError, FileNotFoundError, FloatingPointError) as e:
+            raise click.ClickException(str(e)) from None
+        except RuntimeError as e:
+            if "--device" in str(e) or "cache" in str(e).lower():
+                raise click.ClickException(str(e)) from None
+            raise
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="defeat-cache")
+def main():
+    """Offline DeFeat distillation of object detectors: extract a teacher cache once, train many students."""
+
+
+@main.command("models")
+def models_cmd():
+    """List the detector zoo (configs/models/*.toml)."""
+    from .models.zoo import list_models, load_model_spec
+    for name in list_models():
+        spec = load_model_spec(name)
+        first = (spec.config.get("description") or "")
+        bb = spec.config["backbone"]
+        click.echo(f"{name:16s} {spec.family:12s} resnet{bb['depth']}"
+                   f"{'/' + str(bb.get('width_divisor')) if bb.get('width_divisor', 1) != 1 else ''}"
+                   f" fpn{spec.fpn_channels} input {spec.preprocessing.min_size}/{spec.preprocessing.max_size} {first}")
+
+
+@main.group("data")
+def data_cmd():
+    """Datasets: generate the built-in synthetic one, summarise any."""
+
+
+@data_cmd.command("shapes")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the dataset to.")
+@click.option("--train-images", default=1200, show_default=True)
+@click.option("--val-images", default=200, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@_user_errors
+def data_shapes(out, train_images, val_images, seed):
+    """Generate the deterministic synthetic shapes dataset (COCO json + PNGs + data.toml)."""
+    from .data.shapes import generate_shapes
+    toml = generate_shapes(out, num_train=train_images, num_val=val_images, seed=seed)
+    click.echo(str(toml))
+
+
+@data_cmd.command("info")
+@click.argument("data_toml", type=click.Path(dir_okay=False))
+@click.option("--split", default="train", show_default=True)
+@_user_errors
+def data_info(data_toml, split):
+    """Summarise a dataset split (images, boxes, classes, what is not trained on)."""
+    from .data.dataset import load_dataset
+    data = load_dataset(data_toml, split)
+    click.echo(data.summary())
+    click.echo(f"fingerprint {data.fingerprint()}")
+
+
+def _train_options(**kw):
+    from .engine.train import TrainOptions
+    return TrainOptions(**kw)
+
+
+@main.command("train")
+@click.option("--student", required=True, help="Model name from `defeat-cache models` or a model TOML.")
+@click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False), help="Dataset TOML.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--cache", default=None, help="Teacher cache to distil from (streamed; no teacher in memory).")
+@click.option("--teacher", default=None, help="Online distillation: teacher model name (with --teacher-checkpoint).")
+@click.option("--teacher-checkpoint", default=None, type=click.Path(dir_okay=False))
+@click.option("--distill", "preset", default=None, help="Distillation preset (configs/distill/NAME.toml or a path); "
+              "`defeat` = the paper's full recipe. Default with --cache/--teacher: defeat.")
+@click.option("--set", "overrides", multiple=True, help="Override a preset value, e.g. --set neck.alpha_bg=8.")
+@click.option("--epochs", type=float, default=None, help="Epochs (default 12 x --schedule).")
+@click.option("--schedule", type=float, default=1.0, show_default=True, help="Schedule multiplier (1 = 1x: 12 epochs, "
+              "lr /10 at 8 and 11); lr steps scale with the epochs.")
+@click.option("--max-iters", type=int, default=None, help="Stop after this many iterations (smoke runs).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Images per process.")
+@click.option("--lr", type=float, default=None, help="Base learning rate (default: model's lr_per_image x global batch).")
+@click.option("--warmup-iters", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (under torchrun: this rank's GPU).")
+@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers per process.")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt.")
+@click.option("--init-weights", default=None, type=click.Path(dir_okay=False),
+              help="Detector or ImageNet-backbone state dict to start from.")
+@click.option("--sync-bn", is_flag=True, help="SyncBatchNorm under torchrun.")
+@click.option("--no-amp", is_flag=True, help="Disable automatic mixed precision on CUDA.")
+@click.option("--log-every", type=int, default=20, show_default=True)
+@_user_errors
+def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, preset, overrides, epochs, schedule,
+              max_iters, batch_size, lr, warmup_iters, seed, device, workers, resume, init_weights, sync_bn, no_amp,
+              log_every):
+    """Train a detector: plain, or distilled with DeFeat from a cache (--cache) or an online teacher (--teacher)."""
+    from .engine.train import train
+    distill = None
+    if cache and teacher:
+        raise click.UsageError("give either --cache (offline) or --teacher (online), not both")
+    if (cache or teacher) or preset:
+        if not (cache or teacher):
+            raise click.UsageError("--distill needs a teacher: --cache CACHE or --teacher MODEL --teacher-checkpoint CKPT")
+        if teacher and not teacher_checkpoint:
+            raise click.UsageError("--teacher needs --teacher-checkpoint")
+        from .distill.presets import load_preset
+        distill = load_preset(preset or "defeat", overrides)
+    elif overrides:
+        raise click.UsageError("--set overrides a distillation preset; add --cache or --teacher")
+    opts = _train_options(student=student, data=data_toml, out=out, epochs=epochs, schedule=schedule,
+                          max_iters=max_iters, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters, seed=seed,
+                          device=device, workers=workers, resume=resume, init_weights=init_weights, sync_bn=sync_bn,
+                          amp=not no_amp, log_every=log_every, distill=distill, cache=cache, teacher=teacher,
+                          teacher_checkpoint=teacher_checkpoint)
+    summary = train(opts)
+    click.echo(json.dumps(summary))
+
+
+@main.command("extract")
+@click.option("--teacher", required=True, help="Teacher model name (`defeat-cache models`) or model TOML.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher weights (trained detector).")
+@click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False), help="Dataset TOML.")
+@click.option("--out", required=True, help="Cache path (a folder, or any URL zarr opens).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--views", default="orig,hflip", show_default=True,
+              help="Views to store; orig,hflip serves training's random horizontal flip.")
+@click.option("--codec", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+              help="Feature codec (fp32 is lossless; see `docs/` for sizes and errors).")
+@click.option("--proposals", default=1000, show_default=True, help="RPN proposals kept per image (after NMS).")
+@click.option("--backbone", is_flag=True, help="Also store backbone stage features (backbone distillation).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--items-per-shard", type=int, default=None, help="Default: ~128 MB of features per shard.")
+@click.option("--amp", is_flag=True, help="Run the teacher in mixed precision on CUDA (faster, less exact).")
+@_user_errors
+def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, proposals, backbone, batch_size, workers,
+                device, items_per_shard, amp):
+    """Run the teacher once and write its features, proposals and RoI logits to a cache (resumable)."""
+    from .cache.extract import ExtractOptions, extract
+    summary = extract(ExtractOptions(teacher=teacher, checkpoint=checkpoint, data=data_toml, out=out, split=split,
+                                     views=views, codec=codec, proposals=proposals, backbone=backbone,
+                                     batch_size=batch_size, workers=workers, device=device,
+                                     items_per_shard=items_per_shard, amp=amp))
+    click.echo(json.dumps(summary))
+
+
+@main.command("inspect")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@_user_errors
+def inspect_cmd(cache, as_json):
+    """Show a cache's manifest, completeness, sizes per array and per image, and level shapes."""
+    from .cache.store import TeacherCache
+    info = TeacherCache(cache, allow_incomplete=True).inspect()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    m = info["manifest"]
+    prov = m.get("provenance", {})
+    click.echo(f"cache      {cache}")
+    click.echo(f"teacher    {prov.get('teacher', {}).get('name')}  sha256 {str(prov.get('teacher_checkpoint_sha256'))[:16]}")
+    ds = prov.get("dataset", {})
+    click.echo(f"dataset    {ds.get('name')}/{ds.get('split')}  fingerprint {ds.get('fingerprint')}")
+    click.echo(f"views      {','.join(prov.get('views', []))}   codec {m.get('codec')}   schema {m.get('schema_version')}")
+    click.echo(f"items      {info['items_done']}/{info['items_total']} done  "
+               f"({info['shards_done']}/{info['shards_total']} shards)  complete={m.get('complete')}")
+    click.echo(f"size       {info['bytes_total'] / 1e6:.1f} MB total, {(info['bytes_per_item'] or 0) / 1e3:.1f} kB per item "
+               f"({(info['feature_bytes_per_item'] or 0) / 1e3:.1f} kB features)")
+    for name, a in info["arrays"].items():
+        click.echo(f"  {name:16s} {str(a['shape']):28s} {a['dtype']:8s} {(a['bytes_per_item'] or 0) / 1e3:9.1f} kB/item")
+
+
+@main.command("verify")
+@click.argument("cache")
+@_user_errors
+def verify_cmd(cache):
+    """Read every chunk: checksums, finiteness, completeness. Exit code 0 only if the cache is clean."""
+    from .cache.store import TeacherCache
+    from .progress import progress
+    c = TeacherCache(cache, allow_incomplete=True)
+    bar = progress(0, "verify", unit="shard")
+
+    def step(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    report = c.verify(progress=step)
+    bar.close()
+    for p in report.problems:
+        click.echo(f"PROBLEM: {p}")
+    click.echo(f"{'OK' if report.ok else 'FAILED'}: {report.items_checked} items in "
+               f"{report.shards_done}/{report.shards_total} shards checked, {len(report.problems)} problems")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False))
+@click.option("--model", default=None, help="Expected model name (checked against the checkpoint).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@_user_errors
+def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, json_out):
+    """COCO bbox AP/AP50/AP75/APS/APM/APL (and VOC07 mAP for VOC) of a trained checkpoint."""
+    from .data.dataset import load_dataset
+    from .engine.evaluate import evaluate
+    from .engine.train import load_trained
+    from .distributed import init_from_env
+    dev = init_from_env(device)
+    net, pre, ck = load_trained(checkpoint, model, dev)
+    data = load_dataset(data_toml, split)
+    if int(ck["num_classes"]) != data.num_classes:
+        raise click.ClickException(f"{checkpoint}: model has {ck['num_classes']} classes, {data_toml} has "
+                                   f"{data.num_classes} (incl. background); evaluate on the dataset it was trained on")
+    metrics = evaluate(net, data, pre, dev, batch_size, workers)
+    text = json.dumps(metrics, indent=None)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(metrics, indent=2))
+    click.echo(text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""DeFeat distillation losses (METHOD.md sections 1, 3, 4).
+
+All losses detach the teacher, compute in float32 and return exactly 0 (still connected to
+the student's autograd graph) when a term has no cells / RoIs, so that DDP never sees an
+unused parameter and no NaN appears.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FeatureAdapters",
+    "feature_loss_terms",
+    "decoupled_feature_loss",
+    "neck_distill_loss",
+    "kl_div_with_temperature",
+    "cls_kd_terms",
+    "decoupled_kl_loss",
+    "all_cls_kd_loss",
+    "subsample_negatives",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Adaptation layers
+# --------------------------------------------------------------------------------------
+class FeatureAdapters(nn.Module):
+    """One 3x3 conv (C_s -> C_t, padding 1, bias) per level, optionally followed by ReLU.
+
+    Weights ~ N(0, 1) truncated to [-2, 2], then scaled by 1e-4; bias zero (METHOD.md sec 1).
+    ``relu=True`` is the backbone variant (sec 3).
+    """
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int], relu: bool = False):
+        super().__init__()
+        student_channels = list(student_channels)
+        teacher_channels = list(teacher_channels)
+        if len(student_channels) != len(teacher_channels):
+            raise ValueError(
+                f"student_channels ({len(student_channels)}) and teacher_channels "
+                f"({len(teacher_channels)}) must have the same length"
+            )
+        self.relu = bool(relu)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cs, ct, kernel_size=3, padding=1, bias=True)
+            for cs, ct in zip(student_channels, teacher_channels)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for conv in self.convs:
+            nn.init.trunc_normal_(conv.weight, mean=0.0, std=1.0, a=-2.0, b=2.0)
+            conv.weight.mul_(1e-4)
+            nn.init.zeros_(conv.bias)
+
+    def __len__(self) -> int:
+        return len(self.convs)
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        feats = list(feats)
+        if len(feats) != len(self.convs):
+            raise ValueError(f"expected {len(self.convs)} feature maps, got {len(feats)}")
+        out = []
+        for conv, f in zip(self.convs, feats):
+            y = conv(f)
+            if self.relu:
+                y = F.relu(y)
+            out.append(y)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Feature imitation (neck / backbone)
+# --------------------------------------------------------------------------------------
+def _as_bhw(t: Tensor, like: Tensor, name: str) -> Tensor:
+    """Bring a mask / valid tensor to float32 [B, H, W] matching ``like`` ([B, C, H, W])."""
+    B, _, H, W = like.shape
+    t = t.to(device=like.device, dtype=torch.float32)
+    if t.dim() == 4 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() == 2:
+        t = t.unsqueeze(0).expand(B, H, W)
+    if tuple(t.shape) != (B, H, W):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, H, W)}")
+    return t
+
+
+def feature_loss_terms(
+    student: Tensor, teacher: Tensor, mask: Tensor, valid: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Unweighted (L_obj, L_bg) of one level, normalised over the whole batch.
+
+    student, teacher: [B, C, H, W] (student already adapted; teacher detached here).
+    mask: [B, H, W] (or [H, W]) in [0, 1], may be real-valued.
+    valid: [B, H, W] bool/float or None (= all valid). Invalid cells are in neither sum nor count.
+
+    L_obj = sum(M * E) / max(1, 2 * C * sum_bhw M),
+    L_bg  = sum((1 - M) * E) / max(1, 2 * C * sum_bhw (1 - M)),  E = (S - T)^2.
+    """
+    if student.dim() != 4:
+        raise ValueError(f"student must be [B, C, H, W], got {tuple(student.shape)}")
+    teacher = teacher.detach()
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher shape {tuple(teacher.shape)} != student shape {tuple(student.shape)}")
+    C = student.shape[1]
+    s = student.float()
+    t = teacher.to(device=s.device, dtype=torch.float32)
+    m = _as_bhw(mask, s, "mask")
+    obj_w = m
+    bg_w = 1.0 - m
+    if valid is not None:
+        v = _as_bhw(valid, s, "valid")
+        obj_w = obj_w * v
+        bg_w = bg_w * v
+    # per-cell squared error summed over channels: [B, H, W]
+    e = (s - t).pow(2).sum(dim=1)
+    n_obj = (2.0 * C) * obj_w.sum()
+    n_bg = (2.0 * C) * bg_w.sum()
+    l_obj = (obj_w * e).sum() / n_obj.clamp(min=1.0)
+    l_bg = (bg_w * e).sum() / n_bg.clamp(min=1.0)
+    return l_obj, l_bg
+
+
+def decoupled_feature_loss(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor,
+    alpha_obj: float,
+    alpha_bg: float,
+    valid: Optional[Tensor] = None,
+) -> Tensor:
+    """alpha_obj * L_obj + alpha_bg * L_bg for ONE level (scalar)."""
+    l_obj, l_bg = feature_loss_terms(student, teacher, mask, valid)
+    return alpha_obj * l_obj + alpha_bg * l_bg
+
+
+def neck_distill_loss(
+    students: Sequence[Tensor],
+    teachers: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    valids: Optional[Sequence[Optional[Tensor]]],
+    alpha_obj: float,
+    alpha_bg: float,
+) -> dict[str, Tensor]:
+    """Level-averaged decoupled imitation loss (METHOD.md sec 1; also used for the backbone, sec 3).
+
+    Returns {"loss_neck_obj": alpha_obj * mean_l L_obj_l, "loss_neck_bg": alpha_bg * mean_l L_bg_l}.
+    """
+    students, teachers, masks = list(students), list(teachers), list(masks)
+    L = len(students)
+    if L == 0:
+        raise ValueError("neck_distill_loss needs at least one level")
+    if len(teachers) != L or len(masks) != L:
+        raise ValueError(f"got {L} student levels, {len(teachers)} teacher levels, {len(masks)} masks")
+    if valids is None:
+        valids = [None] * L
+    valids = list(valids)
+    if len(valids) != L:
+        raise ValueError(f"got {len(valids)} valid masks for {L} levels")
+    objs, bgs = [], []
+    for s, t, m, v in zip(students, teachers, masks, valids):
+        l_obj, l_bg = feature_loss_terms(s, t, m, v)
+        objs.append(l_obj)
+        bgs.append(l_bg)
+    return {
+        "loss_neck_obj": alpha_obj * torch.stack(objs).mean(),
+        "loss_neck_bg": alpha_bg * torch.stack(bgs).mean(),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# RoI classifier distillation
+# --------------------------------------------------------------------------------------
+def kl_div_with_temperature(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Per-RoI T^2 * sum_c p_t (log p_t - log p_s), softmax(z / T) over all classes. Returns [K]."""
+    zt = teacher_logits.detach().to(device=student_logits.device, dtype=torch.float32)
+    zs = student_logits.float()
+    if zs.shape != zt.shape:
+        raise ValueError(f"student logits {tuple(zs.shape)} != teacher logits {tuple(zt.shape)}")
+    T = float(T)
+    log_pt = F.log_softmax(zt / T, dim=-1)
+    log_ps = F.log_softmax(zs / T, dim=-1)
+    pt = log_pt.exp()
+    return (T * T) * (pt * (log_pt - log_ps)).sum(dim=-1)
+
+
+def _masked_mean_kl(zs: Tensor, zt: Tensor, sel: Tensor, T: float) -> Tensor:
+    # Indexing with an all-False mask gives an empty tensor still attached to the graph,
+    # so the result is an exact, connected 0 when nothing is selected.
+    kl = kl_div_with_temperature(zs[sel], zt[sel], T)
+    return kl.sum() / sel.sum().clamp(min=1).to(kl.dtype)
+
+
+def cls_kd_terms(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    positive: Tensor,
+    beta_obj: float,
+    beta_bg: float,
+    t_obj: float,
+    t_bg: float,
+) -> dict[str, Tensor]:
+    """Decoupled RoI-classifier KD (paper Eq. 8-9), counts over the whole batch.
+
+    positive: [K] bool (b_i = 1 for positive RoIs, from the teacher-side sampling).
+    Returns {"loss_cls_pos": beta_obj * L_pos, "loss_cls_neg": beta_bg * L_neg}.
+    """
+    pos = positive.to(device=student_logits.device).bool().reshape(-1)
+    if pos.numel() != student_logits.shape[0]:
+        raise ValueError(f"positive has {pos.numel()} entries for {student_logits.shape[0]} RoIs")
+    l_pos = _masked_mean_kl(student_logits, teacher_logits, pos, t_obj)
+    l_neg = _masked_mean_kl(student_logits, teacher_logits, ~pos, t_bg)
+    return {"loss_cls_pos": beta_obj * l_pos, "loss_cls_neg": beta_bg * l_neg}
+
+
+def decoupled_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    positive: Tensor,
+    beta_obj: float,
+    beta_bg: float,
+    t_obj: float,
+    t_bg: float,
+) -> Tensor:
+    """Scalar beta_obj * L_pos + beta_bg * L_neg (paper Eq. 8-9)."""
+    d = cls_kd_terms(student_logits, teacher_logits, positive, beta_obj, beta_bg, t_obj, t_bg)
+    return d["loss_cls_pos"] + d["loss_cls_neg"]
+
+
+def all_cls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float, lam: float) -> Tensor:
+    """Paper Eq. 2: lam * mean over all RoIs of KL_T (exact, connected 0 when K = 0)."""
+    kl = kl_div_with_temperature(student_logits, teacher_logits, T)
+    return lam * (kl.sum() / max(kl.numel(), 1))
+
+
+def subsample_negatives(positive: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Keep-mask for the sub-negative variant: all positives + min(#pos, #neg) random negatives."""
+    pos = positive.bool().reshape(-1)
+    keep = pos.clone()
+    neg_idx = torch.nonzero(~pos, as_tuple=False).flatten()
+    n_keep = min(int(pos.sum().item()), neg_idx.numel())
+    if n_keep > 0:
+        dev = generator.device if generator is not None else neg_idx.device
+        perm = torch.randperm(neg_idx.numel(), generator=generator, device=dev)[:n_keep]
+        keep[neg_idx[perm.to(neg_idx.device)]] = True
+    return keep.reshape(positive.shape)

@@ -1,0 +1,69 @@
+"""Run a detector over a split and score it (COCO bbox AP via pycocotools; VOC07 mAP for VOC)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.dataset import ViewDataset, collate
+from ..data.records import DetectionData
+from ..progress import progress
+from ..views import Preprocessing, ViewSet, pad_batch
+from .metrics import coco_bbox_metrics, voc07_map
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
+            batch_size: int = 8, workers: int = 2, show_progress: bool = True) -> list[dict]:
+    """Detections in original image coordinates: one dict per image (boxes, scores, labels)."""
+    model.eval().to(device)
+    dataset = ViewDataset(data, pre, ViewSet(("orig",)))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=workers, persistent_workers=False)
+    results = []
+    bar = progress(len(dataset), "eval")
+    use_amp = device.type == "cuda"
+    for batch in loader:
+        images = [s["image"].to(device, non_blocking=True) for s in batch]
+        with torch.autocast(device.type, enabled=use_amp):
+            outputs = model(images)
+        for s, out in zip(batch, outputs):
+            boxes = s["geometry"].boxes_to_original(out["boxes"].float().cpu())
+            h, w = s["geometry"].orig_size
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            results.append({"image_index": s["image_index"], "boxes": boxes,
+                            "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
+    dets = []
+    for p in predictions:
+        image_id = data.records[p["image_index"]].image_id
+        for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
+            dets.append({"image_id": image_id, "category_id": data.category_ids[lab - 1],
+                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": s})
+    metrics = coco_bbox_metrics(data.coco_gt, dets)
+    if data.voc_gt is not None:
+        voc_dets = [{"image_id": data.records[p["image_index"]].image_id, "label": lab, "box": box, "score": s}
+                    for p in predictions
+                    for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist())]
+        metrics["VOC07_mAP50"] = voc07_map(data.voc_gt, voc_dets, data.num_classes - 1)["mAP"]
+    return metrics
+
+
+def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
+             batch_size: int = 8, workers: int = 2) -> dict[str, float]:
+    start = time.time()
+    metrics = score(data, predict(model, data, pre, device, batch_size, workers))
+    metrics["eval_seconds"] = round(time.time() - start, 1)
+    return metrics
+
+
+__all__ = ["evaluate", "pad_batch", "predict", "score"]

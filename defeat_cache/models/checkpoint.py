@@ -1,0 +1,87 @@
+"""Checkpoint files: load torchvision-format weights, save and resume training state."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.records import DataError
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a state dict or a defeat-cache checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def _state_dict_of(obj: dict) -> dict:
+    for key in ("model_state", "state_dict", "model"):  # ours, lightning/mmdet-style, torchvision refs
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _summarise(keys: list[str], n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None = None) -> str:
+    """Loads a full-detector state dict, or ImageNet ResNet weights into the backbone body.
+
+    `backbone_only=None` decides from the keys: a torchvision ImageNet ResNet has `conv1.`,
+    `layer1.` ... and `fc.`; a detector has `backbone.`. Returns what was loaded. Any key or
+    shape mismatch is a one-line DataError naming the keys, never a silent partial load.
+    """
+    state = _state_dict_of(read_checkpoint(path))
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    if backbone_only is None:
+        backbone_only = not any(k.startswith("backbone.") for k in state)
+    if backbone_only:
+        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+        target = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.body.")}
+    else:
+        target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+              for k in target if k in state and state[k].shape != target[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches: {_summarise(shapes, 2)}")
+        kind = "ImageNet backbone" if backbone_only else "detector"
+        raise DataError(f"{path}: does not fit this model as {kind} weights; " + "; ".join(parts))
+    model.load_state_dict(state, strict=not backbone_only)
+    return "backbone" if backbone_only else "detector"
+
+
+def save_checkpoint(path: str | Path, **payload) -> None:
+    """Writes atomically (temp file + rename): a crash leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

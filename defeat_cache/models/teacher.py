@@ -1,0 +1,98 @@
+"""What a teacher contributes to DeFeat, per (image, view): computed here, cached or used online.
+
+Both `extract` (written to the cache) and online distillation call `teacher_outputs`, so
+the two modes see the same numbers by construction; the cache only adds its codec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from .forward import backbone_features, is_retinanet, roi_class_logits
+
+
+@dataclass
+class TeacherOutput:
+    """One (image, view). Features are cropped to the image's own canvas at each level."""
+
+    features: list[Tensor]  # [C, h_l, w_l] per FPN level
+    proposals: Tensor  # [N, 4] view coordinates (empty for RetinaNet)
+    objectness: Tensor  # [N] RPN probability
+    proposal_logits: Tensor  # [N, K] RoI classifier logits
+    gt_boxes: Tensor  # [G, 4]
+    gt_logits: Tensor  # [G, K]
+    backbone_features: list[Tensor] | None = None
+
+
+@contextlib.contextmanager
+def _rpn_settings(rpn: nn.Module, pre_nms_top_n: int, post_nms_top_n: int):
+    """Use training-time proposal counts in eval mode (METHOD.md sec 4: 2000 per level, keep N)."""
+    old = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+    rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre_nms_top_n, post_nms_top_n
+    try:
+        yield
+    finally:
+        rpn._pre_nms_top_n, rpn._post_nms_top_n = old
+
+
+def rpn_proposals(model: nn.Module, image_list, fpn) -> tuple[list[Tensor], list[Tensor]]:
+    """Proposals and their objectness, as torchvision's RPN.forward computes them (it drops the scores)."""
+    rpn = model.rpn
+    levels = list(fpn.values())
+    objectness, deltas = rpn.head(levels)
+    anchors = rpn.anchor_generator(image_list, levels)
+    num_anchors_per_level = [o[0].numel() for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    boxes, scores = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, num_anchors_per_level)
+    return boxes, scores
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, images: list[Tensor], gt_boxes: list[Tensor], num_proposals: int = 1000, pre_nms_top_n: int = 2000,
+                    with_backbone: bool = False) -> list[TeacherOutput]:
+    """Runs the (eval-mode) teacher on each image at its own canvas.
+
+    Images that share a canvas size are batched together: with no extra padding their
+    features equal a single-image forward, so batching is only a speed-up, and every
+    level's features are exactly the image's own canvas extent.
+    """
+    if teacher.training:
+        raise RuntimeError("teacher must be in eval mode (frozen BatchNorm statistics)")
+    device = images[0].device
+    groups: dict[tuple[int, int], list[int]] = {}
+    sd = teacher.transform.size_divisible
+    for i, im in enumerate(images):
+        canvas = (-(-im.shape[1] // sd) * sd, -(-im.shape[2] // sd) * sd)
+        groups.setdefault(canvas, []).append(i)
+    results: list[TeacherOutput | None] = [None] * len(images)
+    retina = is_retinanet(teacher)
+    for canvas, idx in groups.items():
+        image_list, _ = teacher.transform([images[i] for i in idx])
+        fpn, body = backbone_features(teacher, image_list)
+        levels = list(fpn.values())
+        if retina:
+            boxes = [torch.zeros(0, 4, device=device) for _ in idx]
+            scores = [torch.zeros(0, device=device) for _ in idx]
+        else:
+            with _rpn_settings(teacher.rpn, pre_nms_top_n, num_proposals):
+                boxes, scores = rpn_proposals(teacher, image_list, fpn)
+            rois = [torch.cat([b, gt_boxes[i].to(device)]) for b, i in zip(boxes, idx)]
+            logits = roi_class_logits(teacher, fpn, rois, image_list.image_sizes).float()
+            per_image = logits.split([len(r) for r in rois])
+        for j, i in enumerate(idx):
+            if retina:
+                plog = glog = torch.zeros(0, 0, device=device)
+            else:
+                n = len(boxes[j])
+                plog, glog = per_image[j][:n], per_image[j][n:]
+            results[i] = TeacherOutput(
+                features=[lev[j].float() for lev in levels], proposals=boxes[j].float(), objectness=scores[j].float(),
+                proposal_logits=plog, gt_boxes=gt_boxes[i].to(device).float(), gt_logits=glog,
+                backbone_features=[b[j].float() for b in body] if with_backbone else None)
+    return results  # type: ignore[return-value]

@@ -1,0 +1,185 @@
+"""Detectors built from TOML configs under configs/models/, on torchvision's detection models."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from ..data.dataset import read_toml
+from ..data.records import DataError
+from ..views import Preprocessing
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+MODEL_DIR = CONFIG_DIR / "models"
+
+_BLOCKS = {18: (resnet.BasicBlock, [2, 2, 2, 2]), 34: (resnet.BasicBlock, [3, 4, 6, 3]),
+           50: (resnet.Bottleneck, [3, 4, 6, 3]), 101: (resnet.Bottleneck, [3, 4, 23, 3]),
+           152: (resnet.Bottleneck, [3, 8, 36, 3])}
+
+
+class NarrowResNet(resnet.ResNet):
+    """torchvision's ResNet with every stage's channels divided by `width_divisor`.
+
+    torchvision hard-codes 64 stem channels and 64..512 stage widths, so the narrow
+    layers are rebuilt after the parent constructor; module names stay the same, so
+    checkpoints and the FPN extractor work unchanged.
+    """
+
+    def __init__(self, block, layers, width_divisor: int, norm_layer=None):
+        super().__init__(block, layers, norm_layer=norm_layer)
+        norm_layer = self._norm_layer
+        stem = 64 // width_divisor
+        self.inplanes = stem
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(stem)
+        self.layer1 = self._make_layer(block, 64 // width_divisor, layers[0])
+        self.layer2 = self._make_layer(block, 128 // width_divisor, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256 // width_divisor, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512 // width_divisor, layers[3], stride=2)
+        self.fc = nn.Linear(self.inplanes, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class ViewTransform(GeneralizedRCNNTransform):
+    """Batching only: our views already resized and normalised every image (views.py).
+
+    Keeping torchvision's transform object (not removing it) means `model(images)` and
+    its postprocess still work; they just no longer change the pixels or the boxes.
+    """
+
+    def __init__(self, size_divisible: int = 32):
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                         size_divisible=size_divisible)
+
+    def normalize(self, image):
+        return image
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    family: str  # "faster_rcnn" | "retinanet"
+    config: dict
+    preprocessing: Preprocessing
+
+    @property
+    def fpn_channels(self) -> int:
+        return int(self.config["backbone"].get("fpn_channels", 256))
+
+    @property
+    def strides(self) -> list[int]:
+        return [4, 8, 16, 32, 64] if self.family == "faster_rcnn" else [8, 16, 32, 64, 128]
+
+    @property
+    def backbone_channels(self) -> list[int]:
+        """Channels of the stages the body returns (C2-C5 for Faster R-CNN, C3-C5 for RetinaNet)."""
+        bb = self.config["backbone"]
+        expansion = 1 if int(bb["depth"]) < 50 else 4
+        widths = [64 * 2 ** i * expansion // int(bb.get("width_divisor", 1)) for i in range(4)]
+        return widths if self.family == "faster_rcnn" else widths[1:]
+
+
+def list_models() -> list[str]:
+    return sorted(p.stem for p in MODEL_DIR.glob("*.toml"))
+
+
+def load_model_spec(name: str) -> ModelSpec:
+    """A model by zoo name (configs/models/NAME.toml) or by the path of a TOML file."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = MODEL_DIR / f"{name}.toml"
+        if not path.is_file():
+            raise DataError(f"unknown model {name!r}; available: {', '.join(list_models())} "
+                            "(or give the path of a model TOML)")
+    cfg = read_toml(path, "model TOML")
+    family = cfg.get("family")
+    if family not in ("faster_rcnn", "retinanet"):
+        raise DataError(f"{path}: family must be \"faster_rcnn\" or \"retinanet\", got {family!r}")
+    pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("input", {}).items()})
+    return ModelSpec(name=path.stem, family=family, config=cfg, preprocessing=pre)
+
+
+def _backbone(spec: ModelSpec):
+    bb = spec.config["backbone"]
+    depth = int(bb["depth"])
+    if depth not in _BLOCKS:
+        raise DataError(f"model {spec.name}: backbone.depth must be one of {sorted(_BLOCKS)}")
+    block, layers = _BLOCKS[depth]
+    # "bn": BatchNorm trained with the detector (training from scratch, as on CPU here);
+    # "frozen_bn": the usual setting with ImageNet-initialised backbones.
+    norm = FrozenBatchNorm2d if bb.get("norm", "frozen_bn") == "frozen_bn" else nn.BatchNorm2d
+    body = NarrowResNet(block, layers, int(bb.get("width_divisor", 1)), norm_layer=norm)
+    trainable = int(bb.get("trainable_layers", 5))
+    # Freeze as torchvision's _resnet_fpn_extractor does, but build the FPN ourselves: that
+    # helper always makes 256 channels and the CPU-scale models use narrower ones.
+    train_prefixes = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable] + (["bn1"] if trainable == 5 else [])
+    for pname, param in body.named_parameters():
+        if not any(pname.startswith(t) for t in train_prefixes):
+            param.requires_grad_(False)
+    fpn_ch = spec.fpn_channels
+    if spec.family == "faster_rcnn":
+        returned, extra = [1, 2, 3, 4], LastLevelMaxPool()  # C2-C5 -> P2-P5, P6 by max-pool
+    else:
+        returned, extra = [2, 3, 4], LastLevelP6P7(fpn_ch, fpn_ch)  # C3-C5 -> P3-P7
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+    backbone = BackboneWithFPN(body, return_layers, spec.backbone_channels, fpn_ch, extra_blocks=extra)
+    return backbone
+
+
+def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
+    """A torchvision detector for `num_classes` classes including background."""
+    spec = load_model_spec(spec) if isinstance(spec, str) else spec
+    cfg = spec.config
+    backbone = _backbone(spec)
+    anchor_sizes = cfg.get("anchors", {}).get("sizes", [32, 64, 128, 256, 512])
+    ratios = tuple(cfg.get("anchors", {}).get("aspect_ratios", [0.5, 1.0, 2.0]))
+    if spec.family == "faster_rcnn":
+        rpn, roi = cfg.get("rpn", {}), cfg.get("roi", {})
+        rep = int(roi.get("representation_size", 1024))
+        model = FasterRCNN(
+            backbone, num_classes=None,
+            rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), (ratios,) * len(anchor_sizes)),
+            box_head=TwoMLPHead(spec.fpn_channels * 7 * 7, rep),
+            box_predictor=FastRCNNPredictor(rep, num_classes),
+            **{f"rpn_{k}": v for k, v in rpn.items()},
+            **{f"box_{k}": v for k, v in roi.items() if k != "representation_size"},
+        )
+    else:
+        head_cfg = cfg.get("head", {})
+        octave = [2 ** (i / 3) for i in range(3)]
+        sizes = tuple(tuple(int(s * o) for o in octave) for s in anchor_sizes)
+        anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
+        head = RetinaNetHead(spec.fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **head_cfg)
+    model.transform = ViewTransform(spec.preprocessing.size_divisible)
+    return model
+
+
+def spec_dict(spec: ModelSpec) -> dict:
+    return {"name": spec.name, "family": spec.family, "config": copy.deepcopy(spec.config)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ModelSpec", "NarrowResNet", "ViewTransform", "build_detector", "list_models", "load_model_spec",
+           "count_parameters", "spec_dict", "CONFIG_DIR"]
