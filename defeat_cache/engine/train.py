@@ -127,7 +127,7 @@ class TrainStep(nn.Module):
         out = detector_forward(self.student, images, targets)
         losses = dict(out.losses)
         if self.distiller is not None:
-            losses.update(self.distiller(self.student, out, batch, targets))
+            losses.update(self.distiller(self.student, out, batch, images, targets))
         return losses
 
 

@@ -1,0 +1,82 @@
+"""Distillation presets: TOML files under configs/distill/, overridable with `--set a.b=value`."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+from ..data.dataset import read_toml
+from ..data.records import DataError
+from ..models.zoo import CONFIG_DIR
+
+PRESET_DIR = CONFIG_DIR / "distill"
+MASK_KINDS = ("gt", "fgfi", "gaussian", "random", "all")
+CLS_MODES = ("decoupled", "all", "sub_negative")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _parse_value(text: str):
+    """TOML literal if it parses (8, 0.5, true, "gt", [..]); otherwise the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(preset: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise DataError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. neck.alpha_bg=8")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = preset
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise DataError(f"--set {assignment!r}: preset has no section {p!r} (sections: "
+                            f"{', '.join(k for k, v in preset.items() if isinstance(v, dict))})")
+        node = node[p]
+    if parts[-1] not in node:
+        raise DataError(f"--set {assignment!r}: no key {parts[-1]!r} in [{'.'.join(parts[:-1])}] "
+                        f"(keys: {', '.join(node)})")
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def validate(preset: dict, source: str) -> dict:
+    neck, cls, bb = preset.get("neck", {}), preset.get("cls", {}), preset.get("backbone", {})
+    for sec in ("neck", "cls", "backbone", "teacher"):
+        if not isinstance(preset.get(sec), dict):
+            raise DataError(f"{source}: distillation preset needs a [{sec}] section")
+    if neck["mask"] not in MASK_KINDS:
+        raise DataError(f"{source}: neck.mask = {neck['mask']!r}; choose one of {', '.join(MASK_KINDS)}")
+    if cls["mode"] not in CLS_MODES:
+        raise DataError(f"{source}: cls.mode = {cls['mode']!r}; choose one of {', '.join(CLS_MODES)}")
+    fs = neck.get("finest_scale", "auto")
+    if fs != "auto" and not (isinstance(fs, (int, float)) and fs > 0):
+        raise DataError(f"{source}: neck.finest_scale must be \"auto\" or a positive number, got {fs!r}")
+    for sec, keys in (("neck", ("alpha_obj", "alpha_bg")), ("backbone", ("alpha_obj", "alpha_bg")),
+                      ("cls", ("beta_obj", "beta_bg", "t_obj", "t_bg", "lam", "t"))):
+        for k in keys:
+            v = preset[sec].get(k)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise DataError(f"{source}: {sec}.{k} must be a number >= 0, got {v!r}")
+    if not isinstance(bb.get("stages"), list):
+        raise DataError(f"{source}: backbone.stages must be a list like [\"c3\", \"c4\", \"c5\"]")
+    return preset
+
+
+def load_preset(name: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """A preset by name (configs/distill/NAME.toml) or path, with `--set` overrides applied."""
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = PRESET_DIR / f"{name}.toml"
+        if not path.is_file():
+            raise DataError(f"unknown distillation preset {name!r}; available: {', '.join(list_presets())}")
+    preset = copy.deepcopy(read_toml(path, "distillation preset"))
+    for o in overrides:
+        apply_override(preset, o)
+    preset["name"] = path.stem
+    preset["overrides"] = list(overrides)
+    return validate(preset, str(path))

@@ -1,0 +1,165 @@
+"""Shared fixtures: tiny models, a tiny synthetic dataset, and small file writers.
+
+Everything here is sized for a 2-core CPU: models take 64..96 px inputs and have a few hundred
+thousand parameters; the dataset has 12 train / 6 val images of 64..96 px.
+
+Session-scoped fixtures (build once, treat as read-only; copy before modifying):
+
+* ``tiny_model_toml``   -- path of a tiny Faster R-CNN model TOML (quarter-width ResNet-18, 32-ch FPN).
+                          Pass it wherever a model name is accepted (``load_model_spec``, ``--student``,
+                          ``--teacher``); the model's name is the file stem, ``tiny_frcnn``.
+* ``tiny_retina_toml``  -- the same for RetinaNet (``tiny_retina``).
+* ``tiny_shapes``       -- path of the ``data.toml`` of a tiny synthetic shapes dataset
+                          (COCO format, 8 classes, splits ``train`` = 12 and ``val`` = 6 images).
+* ``tiny_trained_checkpoint`` -- ``final.pt`` of a 2-iteration training of ``tiny_model_toml`` on
+                          ``tiny_shapes`` (a usable teacher checkpoint for extraction/distillation tests;
+                          load it with ``load_weights``: ``load_trained`` needs a zoo model name).
+
+Factories (plain functions exposed as fixtures, so test modules need no imports from here):
+
+* ``write_model_toml(path, **sections)`` -- writes a tiny model TOML, sections overriding the defaults.
+* ``write_png(path, width, height, color=(..))`` -- writes a solid-colour RGB PNG (or JPEG by suffix).
+* ``write_json(path, obj)`` -- writes JSON, creating parent folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+# --------------------------------------------------------------------------------------------
+# tiny model configs
+# --------------------------------------------------------------------------------------------
+
+#: The tiny Faster R-CNN: r18q_fpn_cpu with 64/96 px inputs, a 32-channel FPN and small heads.
+TINY_FRCNN: dict = {
+    "family": "faster_rcnn",
+    "backbone": {"depth": 18, "width_divisor": 4, "fpn_channels": 32, "norm": "bn", "trainable_layers": 5},
+    "input": {"min_size": 64, "max_size": 96},
+    "anchors": {"sizes": [16, 32, 64, 128, 256]},
+    "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 50,
+            "post_nms_top_n_test": 25, "batch_size_per_image": 32},
+    "roi": {"representation_size": 64, "batch_size_per_image": 32, "positive_fraction": 0.25,
+            "detections_per_img": 20},
+}
+
+#: The tiny RetinaNet (same backbone, P3-P7).
+TINY_RETINA: dict = {
+    "family": "retinanet",
+    "backbone": {"depth": 18, "width_divisor": 4, "fpn_channels": 32, "norm": "bn", "trainable_layers": 5},
+    "input": {"min_size": 64, "max_size": 96},
+    "anchors": {"sizes": [16, 32, 64, 128, 256]},
+    "head": {"detections_per_img": 20, "topk_candidates": 50},
+}
+
+
+def _toml_scalar(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(cfg: dict) -> str:
+    """Minimal TOML writer for flat top-level keys plus one level of tables (enough for configs)."""
+    lines = [f"{k} = {_toml_scalar(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_scalar(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_toml(path: str | Path, base: dict | None = None, **sections) -> Path:
+    """Writes a model TOML at `path` (its stem is the model's name).
+
+    `base` defaults to the tiny Faster R-CNN; each keyword is a section name whose dict is merged
+    into that section (``backbone={"norm": "frozen_bn"}``), or a top-level scalar (``family=...``).
+    """
+    cfg = copy.deepcopy(base if base is not None else TINY_FRCNN)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def write_png(path: str | Path, width: int, height: int, color=(120, 60, 200)) -> Path:
+    """A solid-colour RGB image; the format follows the suffix (.png, .jpg)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), tuple(color)).save(path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_toml(tmp_path_factory) -> Path:
+    """Path of the tiny Faster R-CNN model TOML (model name ``tiny_frcnn``)."""
+    return write_model_toml(tmp_path_factory.mktemp("models") / "tiny_frcnn.toml")
+
+
+@pytest.fixture(scope="session")
+def tiny_retina_toml(tmp_path_factory) -> Path:
+    """Path of the tiny RetinaNet model TOML (model name ``tiny_retina``)."""
+    return write_model_toml(tmp_path_factory.mktemp("models") / "tiny_retina.toml", base=TINY_RETINA)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """data.toml of a tiny shapes dataset: 12 train / 6 val images, 64..96 px, seed 0, 8 classes."""
+    from defeat_cache.data.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=6, seed=0,
+                           min_side=64, max_side=96, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_checkpoint(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
+    """final.pt of 2 training iterations of the tiny Faster R-CNN on ``tiny_shapes`` (seed 0)."""
+    from defeat_cache.engine.train import TrainOptions, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    summary = train(TrainOptions(student=str(tiny_model_toml), data=str(tiny_shapes), out=str(out),
+                                 max_iters=2, batch_size=2, workers=0, log_every=1, progress=False))
+    return Path(summary["final"])
+
+
+@pytest.fixture(name="write_model_toml", scope="session")
+def _write_model_toml_fixture():
+    """Factory: ``write_model_toml(path, base=None, **sections) -> Path`` (see module docstring)."""
+    return write_model_toml
+
+
+@pytest.fixture(name="write_png", scope="session")
+def _write_png_fixture():
+    """Factory: ``write_png(path, width, height, color=(r, g, b)) -> Path``."""
+    return write_png
+
+
+@pytest.fixture(name="write_json", scope="session")
+def _write_json_fixture():
+    """Factory: ``write_json(path, obj) -> Path``."""
+    return write_json
