@@ -20,6 +20,9 @@ Factories (plain functions exposed as fixtures, so test modules need no imports 
 * ``write_model_toml(path, **sections)`` -- writes a tiny model TOML, sections overriding the defaults.
 * ``write_png(path, width, height, color=(..))`` -- writes a solid-colour RGB PNG (or JPEG by suffix).
 * ``write_json(path, obj)`` -- writes JSON, creating parent folders.
+
+Torch runs single-threaded in tests (``pytest_configure``): the models are tiny, the machine has
+2 shared cores, and intra-op threads spinning against other processes made tiny forwards ~10x slower.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+
+def pytest_configure(config):
+    torch.set_num_threads(1)
 
 # --------------------------------------------------------------------------------------------
 # tiny model configs
@@ -163,3 +171,83 @@ def _write_png_fixture():
 def _write_json_fixture():
     """Factory: ``write_json(path, obj) -> Path``."""
     return write_json
+
+
+# --------------------------------------------------------------------------------------------
+# teacher checkpoints and teacher caches (extraction / distillation tests)
+# --------------------------------------------------------------------------------------------
+
+#: Proposal settings every tiny cache below is extracted with. Online-mode distillation that is
+#: compared with these caches must use the same values (preset ``teacher.proposals`` /
+#: ``teacher.pre_nms_top_n``).
+TINY_PROPOSALS = 20
+TINY_PRE_NMS = 50
+#: 12 images x 2 views = 24 items -> 5 shards (the last one holds 4 items).
+TINY_ITEMS_PER_SHARD = 5
+
+
+def _random_detector_checkpoint(path: Path, model_toml: Path, data_toml: Path, seed: int = 0) -> Path:
+    import torch
+
+    from defeat_cache.data.dataset import load_dataset
+    from defeat_cache.models.zoo import build_detector
+
+    num_classes = load_dataset(data_toml, "train").num_classes
+    torch.manual_seed(seed)
+    model = build_detector(str(model_toml), num_classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(name="random_detector_checkpoint", scope="session")
+def _random_detector_checkpoint_fixture():
+    """Factory: ``random_detector_checkpoint(path, model_toml, data_toml, seed=0) -> Path``: the
+    randomly initialised detector (``torch.manual_seed(seed)``) saved as ``{"model_state": ...}``."""
+    return _random_detector_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_student_toml(tmp_path_factory) -> Path:
+    """A smaller Faster R-CNN student (eighth-width ResNet-18, 16-ch FPN; name ``tiny_student``),
+    with the same preprocessing as ``tiny_model_toml`` (so it can distil from its caches)."""
+    return write_model_toml(tmp_path_factory.mktemp("models") / "tiny_student.toml",
+                            backbone={"width_divisor": 8, "fpn_channels": 16}, roi={"representation_size": 32})
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_checkpoint(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
+    """Randomly initialised (seed 0) ``tiny_model_toml`` detector for ``tiny_shapes`` (9 classes)."""
+    return _random_detector_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", tiny_model_toml, tiny_shapes)
+
+
+@pytest.fixture(scope="session")
+def tiny_retina_checkpoint(tmp_path_factory, tiny_retina_toml, tiny_shapes) -> Path:
+    """Randomly initialised (seed 0) ``tiny_retina_toml`` detector for ``tiny_shapes``."""
+    return _random_detector_checkpoint(tmp_path_factory.mktemp("teacher") / "retina.pt", tiny_retina_toml, tiny_shapes)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes):
+    """Factory ``tiny_cache(codec="fp32", backbone=False) -> str``: a complete teacher cache of
+    ``tiny_teacher_checkpoint`` over ``tiny_shapes``/train (views orig,hflip; TINY_PROPOSALS /
+    TINY_PRE_NMS; TINY_ITEMS_PER_SHARD items per shard), extracted once per session and argument
+    pair. Extracted with batch_size=1, so every item is bit-identical to a single-image teacher
+    forward (what online distillation computes). Read-only: copy before modifying."""
+    from defeat_cache.cache.extract import ExtractOptions, extract
+
+    made: dict = {}
+
+    def get(codec: str = "fp32", backbone: bool = False) -> str:
+        key = (codec, bool(backbone))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"cache_{codec}{'_bb' if backbone else ''}") / "cache.zarr"
+            extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
+                                   data=str(tiny_shapes), out=str(out), codec=codec, proposals=TINY_PROPOSALS,
+                                   pre_nms_top_n=TINY_PRE_NMS, backbone=backbone, batch_size=1, workers=0,
+                                   items_per_shard=TINY_ITEMS_PER_SHARD, progress=False))
+            made[key] = str(out)
+        return made[key]
+
+    get.proposals, get.pre_nms_top_n, get.items_per_shard = TINY_PROPOSALS, TINY_PRE_NMS, TINY_ITEMS_PER_SHARD
+    return get

@@ -58,7 +58,9 @@ def feature_level_names(spec: ModelSpec) -> list[str]:
 
 
 def backbone_level_names(spec: ModelSpec) -> list[str]:
-    return [f"c{i}" for i in (range(2, 6) if spec.family == "faster_rcnn" else range(3, 6))]
+    """Stages stored with --backbone: C3-C5, the ones METHOD.md sec 3 distils (C2 alone would
+    double the size of a COCO cache)."""
+    return ["c3", "c4", "c5"]
 
 
 def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views: ViewSet, codec: str,
@@ -71,9 +73,8 @@ def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views:
     # ceil(H / stride) is the size torchvision computes at every level, pooled extras included.
     levels = [LevelSpec(n, spec.fpn_channels, math.ceil(max_h / s), math.ceil(max_w / s))
               for n, s in zip(feature_level_names(spec), spec.strides)]
-    body_strides = [4, 8, 16, 32] if spec.family == "faster_rcnn" else [8, 16, 32]
     bb_levels = [LevelSpec(n, c, math.ceil(max_h / s), math.ceil(max_w / s))
-                 for n, c, s in zip(backbone_level_names(spec), spec.backbone_channels, body_strides)] if backbone else []
+                 for n, c, s in zip(backbone_level_names(spec), spec.backbone_channels[-3:], [8, 16, 32])] if backbone else []
     if items_per_shard is None:
         item_bytes = sum(l.channels * l.max_h * l.max_w * 4 for l in levels + bb_levels)
         items_per_shard = int(min(64, max(1, SHARD_TARGET_BYTES // max(item_bytes, 1))))

@@ -112,8 +112,8 @@ class OnlineSource:
         self.teacher_family = spec.family
         self.has_backbone = True
         self.teacher_channels = [spec.fpn_channels] * 5
-        names = STAGE_NAMES_RCNN if spec.family == "faster_rcnn" else STAGE_NAMES_RETINA
-        self.teacher_backbone_channels = dict(zip(names, spec.backbone_channels))
+        # the stages an extracted cache holds (C3-C5), so both sources index them alike
+        self.teacher_backbone_channels = dict(zip(["c3", "c4", "c5"], spec.backbone_channels[-3:]))
         self.proposals = int(preset["teacher"]["proposals"])
         self.pre_nms_top_n = int(preset["teacher"]["pre_nms_top_n"])
         self.with_backbone = bool(preset["backbone"]["enabled"])
@@ -160,9 +160,10 @@ class Distiller(nn.Module):
             self.neck_adapters = FeatureAdapters([student.fpn_channels] * n, source.teacher_channels[:n])
         stage_names = STAGE_NAMES_RCNN if student.family == "faster_rcnn" else STAGE_NAMES_RETINA
         if self.bb_on:
-            unknown = [s for s in bb["stages"] if s not in stage_names]
+            allowed = [s for s in stage_names if s in source.teacher_backbone_channels]
+            unknown = [s for s in bb["stages"] if s not in allowed]
             if unknown:
-                raise DataError(f"backbone.stages {unknown} not among {stage_names}")
+                raise DataError(f"backbone.stages {unknown}: the teacher outputs provide only {allowed}")
             self.bb_index = [stage_names.index(s) for s in bb["stages"]]
             s_ch = dict(zip(stage_names, student.backbone_channels))
             self.backbone_adapters = FeatureAdapters([s_ch[s] for s in bb["stages"]],

@@ -26,7 +26,7 @@ class TeacherOutput:
     proposal_logits: Tensor  # [N, K] RoI classifier logits
     gt_boxes: Tensor  # [G, 4]
     gt_logits: Tensor  # [G, K]
-    backbone_features: list[Tensor] | None = None
+    backbone_features: list[Tensor] | None = None  # C3, C4, C5
 
 
 @contextlib.contextmanager
@@ -94,5 +94,5 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], gt_boxes: list[Ten
             results[i] = TeacherOutput(
                 features=[lev[j].float() for lev in levels], proposals=boxes[j].float(), objectness=scores[j].float(),
                 proposal_logits=plog, gt_boxes=gt_boxes[i].to(device).float(), gt_logits=glog,
-                backbone_features=[b[j].float() for b in body] if with_backbone else None)
+                backbone_features=[b[j].float() for b in body[-3:]] if with_backbone else None)
     return results  # type: ignore[return-value]

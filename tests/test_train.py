@@ -1,0 +1,314 @@
+"""Training loop (metrics, checkpoints, resume, determinism, lr schedule), evaluation and the CLI.
+
+Every run is a few iterations of the tiny Faster R-CNN on the tiny shapes dataset (12 train
+images, batch 2 -> 6 iterations per epoch), single process, DataLoader workers 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from defeat_cache.cli import main
+from defeat_cache.data.dataset import load_dataset
+from defeat_cache.data.records import DataError
+from defeat_cache.engine.evaluate import evaluate
+from defeat_cache.engine.metrics import COCO_METRIC_NAMES
+from defeat_cache.engine.train import TrainOptions, load_trained, train
+from defeat_cache.models.checkpoint import load_weights, read_checkpoint
+from defeat_cache.models.zoo import build_detector, load_model_spec
+
+FRCNN_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+
+
+def _opts(model_toml, data_toml, out, **kw) -> TrainOptions:
+    base = dict(student=str(model_toml), data=str(data_toml), out=str(out), batch_size=2, workers=0,
+                log_every=1, progress=False, seed=0, warmup_iters=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(checkpoint: Path) -> dict:
+    return read_checkpoint(checkpoint)["model_state"]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# runs (module-scoped: each is trained once)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
+    """4 iterations straight through (batch 2, warm-up 1 iteration)."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = train(_opts(tiny_model_toml, tiny_shapes, out, max_iters=4))
+    assert summary["iterations"] == 4
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
+    """Like straight_run, but stopped after 2 iterations (mid-epoch) and resumed to 4.
+
+    The 2-iteration final.pt is kept as first_final.pt.
+    """
+    out = tmp_path_factory.mktemp("resumed")
+    train(_opts(tiny_model_toml, tiny_shapes, out, max_iters=2))
+    shutil.copy(out / "final.pt", out / "first_final.pt")
+    shutil.copy(out / "metrics.jsonl", out / "first_metrics.jsonl")
+    train(_opts(tiny_model_toml, tiny_shapes, out, max_iters=4, resume=True))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# training outputs
+# ------------------------------------------------------------------------------------------------
+
+def test_train_writes_metrics_and_checkpoints(straight_run):
+    lines = _metrics(straight_run)
+    assert [m["iter"] for m in lines] == [1, 2, 3, 4]
+    for m in lines:
+        for key in ("iter", "epoch", "lr", "images_per_s", "loss", "time", *FRCNN_LOSSES):
+            assert key in m, key
+        assert math.isfinite(m["loss"]) and m["images_per_s"] > 0 and m["epoch"] == 0
+        assert m["loss"] == pytest.approx(sum(m[k] for k in FRCNN_LOSSES), rel=1e-5)
+    final = read_checkpoint(straight_run / "final.pt")
+    assert final["iteration"] == 4 and final["num_classes"] == 9
+    assert final["model"]["name"] == "tiny_frcnn"
+    assert final["preprocessing"]["min_size"] == 64 and final["preprocessing"]["max_size"] == 96
+    last = read_checkpoint(straight_run / "last.pt")
+    assert last["iteration"] == 4 and {"optimizer", "scheduler", "train_state", "rng"} <= set(last)
+    config = json.loads((straight_run / "config.json").read_text())
+    assert config["total_iters"] == 4 and config["global_batch"] == 2
+    assert config["lr"] == pytest.approx(0.02 / 16 * 2)  # default lr_per_image x batch
+    assert not list(straight_run.glob("*.partial"))
+
+
+def test_trained_weights_changed(straight_run, tiny_model_toml):
+    torch.manual_seed(0)
+    init = build_detector(str(tiny_model_toml), 9).state_dict()
+    assert _max_diff(init, _weights(straight_run / "final.pt")) > 0
+
+
+def test_same_seed_gives_identical_weights(tmp_path, tiny_model_toml, tiny_shapes, resumed_run):
+    train(_opts(tiny_model_toml, tiny_shapes, tmp_path, max_iters=2))
+    assert _max_diff(_weights(tmp_path / "final.pt"), _weights(resumed_run / "first_final.pt")) == 0.0
+    assert [m["loss"] for m in _metrics(tmp_path)] == [m["loss"] for m in
+                                                        _metrics(resumed_run)[:2]]
+
+
+def test_resume_continues_from_last_checkpoint(resumed_run, tiny_model_toml, tiny_shapes):
+    first = (resumed_run / "first_metrics.jsonl").read_text().splitlines()
+    lines = _metrics(resumed_run)
+    assert (resumed_run / "metrics.jsonl").read_text().splitlines()[:2] == first  # appended, not rewritten
+    assert [m["iter"] for m in lines] == [1, 2, 3, 4]
+    assert read_checkpoint(resumed_run / "last.pt")["iteration"] == 4
+    assert read_checkpoint(resumed_run / "final.pt")["iteration"] == 4
+    # resuming a finished run is a no-op
+    summary = train(_opts(tiny_model_toml, tiny_shapes, resumed_run, max_iters=4, resume=True))
+    assert summary["iterations"] == 4
+    assert len(_metrics(resumed_run)) == 4
+
+
+def test_resume_refuses_another_model(resumed_run, tiny_retina_toml, tiny_shapes):
+    with pytest.raises(DataError, match="tiny_frcnn"):
+        train(_opts(tiny_retina_toml, tiny_shapes, resumed_run, max_iters=6, resume=True))
+
+
+def test_resume_at_epoch_boundary_matches_straight_run(tmp_path, tiny_model_toml, tiny_shapes):
+    """Batch 4: 3 iterations per epoch; stop after epoch 0, resume, compare with a straight run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(_opts(tiny_model_toml, tiny_shapes, straight, batch_size=4, max_iters=4))
+    train(_opts(tiny_model_toml, tiny_shapes, resumed, batch_size=4, max_iters=3))
+    train(_opts(tiny_model_toml, tiny_shapes, resumed, batch_size=4, max_iters=4, resume=True))
+    assert [m["epoch"] for m in _metrics(resumed)] == [0, 0, 0, 1]
+    assert _max_diff(_weights(straight / "final.pt"), _weights(resumed / "final.pt")) <= 1e-5
+    assert [m["loss"] for m in _metrics(straight)] == pytest.approx([m["loss"] for m in _metrics(resumed)],
+                                                                     abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: engine/train.py creates a new DataLoader (whose iterator draws its "
+                   "base seed from the global torch RNG) at the resume point, so a mid-epoch resume continues "
+                   "with a shifted RNG stream (RPN/RoI sampling) and diverges from the straight run")
+def test_resume_mid_epoch_matches_straight_run(straight_run, resumed_run):
+    assert _max_diff(_weights(straight_run / "final.pt"), _weights(resumed_run / "final.pt")) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# learning-rate schedule
+# ------------------------------------------------------------------------------------------------
+
+BASE_LR, WARMUP, WARMUP_FACTOR = 0.01, 4, 0.001
+
+
+def _expected_lr(n: int) -> float:
+    """lr logged on metrics line `iter = n`: the scheduler has stepped n times (torchvision-references style).
+
+    epochs = 2 with 6 iterations per epoch -> 12 iterations; lr /10 at round(12 * 8/12) = 8 and
+    round(12 * 11/12) = 11; linear warm-up from BASE_LR * 0.001 over 4 iterations.
+    """
+    factor = 0.1 ** sum(n >= s for s in (8, 11))
+    if n < WARMUP:
+        alpha = n / WARMUP
+        factor *= WARMUP_FACTOR * (1 - alpha) + alpha
+    return BASE_LR * factor
+
+
+@pytest.fixture(scope="module")
+def schedule_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
+    out = tmp_path_factory.mktemp("schedule")
+    train(_opts(tiny_model_toml, tiny_shapes, out, epochs=2, lr=BASE_LR, warmup_iters=WARMUP,
+                warmup_factor=WARMUP_FACTOR, grad_clip=1.0))
+    return out
+
+
+def test_lr_warmup_then_step_decay(schedule_run):
+    lines = _metrics(schedule_run)
+    assert [m["iter"] for m in lines] == list(range(1, 13))
+    assert [m["epoch"] for m in lines] == [0] * 6 + [1] * 6
+    lrs = [m["lr"] for m in lines]
+    # by hand: warm-up 0.25075, 0.5005, 0.75025 x base; then 1, 1, 1, 1; /10 from 8; /100 from 11
+    hand = [0.0025075, 0.005005, 0.0075025, 0.01, 0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.0001, 0.0001]
+    assert lrs == pytest.approx(hand, rel=1e-9)
+    assert lrs == pytest.approx([_expected_lr(n) for n in range(1, 13)], rel=1e-9)
+    config = json.loads((schedule_run / "config.json").read_text())
+    assert config["lr_steps"] == [8, 11] and config["total_iters"] == 12
+
+
+@pytest.mark.xfail(strict=True, reason="bug: engine/train.py clamps warm-up with min(warmup_iters, total_iters // 3 + 1) "
+                   "where total_iters is already cut by --max-iters, so --max-iters changes the lr of the "
+                   "iterations it keeps (and a run resumed with a larger --max-iters mixes two schedules)")
+def test_max_iters_does_not_change_the_schedule(tmp_path, schedule_run, tiny_model_toml, tiny_shapes):
+    train(_opts(tiny_model_toml, tiny_shapes, tmp_path, epochs=2, lr=BASE_LR, warmup_iters=WARMUP,
+                warmup_factor=WARMUP_FACTOR, grad_clip=1.0, max_iters=3))
+    assert [m["lr"] for m in _metrics(tmp_path)] == pytest.approx([m["lr"] for m in _metrics(schedule_run)][:3])
+
+
+# ------------------------------------------------------------------------------------------------
+# loading trained models, evaluation
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=DataError, reason="bug: load_trained looks the model up by name in the zoo "
+                   "(load_model_spec(ck['model']['name'])), so a checkpoint of a model given as a TOML path cannot be "
+                   "loaded ('unknown model'), although the checkpoint holds the full config")
+def test_load_trained_model_from_toml_path(straight_run):
+    model, pre, ck = load_trained(straight_run / "final.pt")
+    assert pre.min_size == 64
+    assert _max_diff(model.state_dict(), ck["model_state"]) == 0.0
+
+
+def test_load_trained_rejects_foreign_files(tmp_path, tiny_model_toml):
+    torch.manual_seed(0)
+    torch.save(build_detector(str(tiny_model_toml), 3).state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(DataError, match="not a defeat-cache training checkpoint"):
+        load_trained(tmp_path / "plain.pt")
+
+
+def test_evaluate_tiny_model(straight_run, tiny_model_toml, tiny_shapes):
+    spec = load_model_spec(str(tiny_model_toml))
+    model = build_detector(spec, 9)
+    assert load_weights(model, straight_run / "final.pt") == "detector"
+    val = load_dataset(tiny_shapes, "val")
+    metrics = evaluate(model, val, spec.preprocessing, torch.device("cpu"), batch_size=4, workers=0)
+    assert set(COCO_METRIC_NAMES) <= set(metrics) and "eval_seconds" in metrics
+    for k in COCO_METRIC_NAMES:
+        assert -1.0 <= metrics[k] <= 1.0
+    assert not model.training
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def _last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def test_cli_models():
+    from defeat_cache.models.zoo import list_models
+
+    r = _invoke(["models"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list_models()
+    assert any("r18q_fpn_cpu" in line and "resnet18/4" in line for line in lines)
+
+
+def test_cli_data_shapes_and_info(tmp_path):
+    r = _invoke(["data", "shapes", "--out", tmp_path / "d", "--train-images", 3, "--val-images", 2])
+    assert r.exit_code == 0, r.output
+    toml = Path(r.stdout.strip().splitlines()[-1])
+    assert toml == tmp_path / "d" / "data.toml" and toml.is_file()
+    assert len(list((tmp_path / "d" / "images" / "train").glob("*.png"))) == 3
+    r = _invoke(["data", "info", toml, "--split", "val"])
+    assert r.exit_code == 0, r.output
+    assert "shapes/val: 2 images" in r.stdout and "fingerprint " in r.stdout
+
+
+def test_cli_train_then_eval(tmp_path, tiny_shapes):
+    """A zoo model (r18q_fpn_cpu), so that `eval` can rebuild it from the checkpoint."""
+    run = tmp_path / "run"
+    r = _invoke(["train", "--student", "r18q_fpn_cpu", "--data", tiny_shapes, "--out", run, "--max-iters", 2,
+                 "--batch-size", 2, "--workers", 0, "--log-every", 1])
+    assert r.exit_code == 0, r.output
+    summary = _last_json(r.stdout)
+    assert summary["iterations"] == 2 and Path(summary["final"]) == run / "final.pt"
+    assert [m["iter"] for m in _metrics(run)] == [1, 2]
+
+    model, pre, ck = load_trained(run / "final.pt", "r18q_fpn_cpu")  # load_trained round trip
+    assert (pre.min_size, pre.max_size) == (160, 224) and ck["iteration"] == 2
+    assert _max_diff(model.state_dict(), ck["model_state"]) == 0.0
+    with pytest.raises(DataError, match="not 'r50_fpn'"):
+        load_trained(run / "final.pt", "r50_fpn")
+
+    out_json = tmp_path / "metrics" / "eval.json"
+    r = _invoke(["eval", "--checkpoint", run / "final.pt", "--data", tiny_shapes, "--workers", 0,
+                 "--batch-size", 3, "--json", out_json])
+    assert r.exit_code == 0, r.output
+    written = json.loads(out_json.read_text())
+    assert set(COCO_METRIC_NAMES) <= set(written)
+    assert _last_json(r.stdout) == written
+
+    r = _invoke(["eval", "--checkpoint", run / "final.pt", "--data", tiny_shapes, "--model", "r50_fpn"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--student", "r18q_fpn_cpu", "--data", "{tmp}/missing.toml", "--out", "{tmp}/run"],
+    ["train", "--student", "no_such_model", "--data", "{shapes}", "--out", "{tmp}/run"],
+    ["eval", "--checkpoint", "{tmp}/missing.pt", "--data", "{shapes}"],
+    ["data", "info", "{tmp}/missing.toml"],
+])
+def test_cli_user_errors_are_one_line(tmp_path, tiny_shapes, args):
+    r = _invoke([a.format(tmp=tmp_path, shapes=tiny_shapes) for a in args])
+    assert r.exit_code != 0
+    assert isinstance(r.exception, SystemExit)  # handled by click, not an uncaught exception
+    assert "Traceback" not in r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("Error: ")
+    error_lines = [line for line in err if line.startswith("Error")]
+    assert len(error_lines) == 1
+
+
+def test_cli_train_usage_errors(tmp_path, tiny_shapes):
+    r = _invoke(["train", "--student", "r18q_fpn_cpu", "--data", tiny_shapes, "--out", tmp_path,
+                 "--set", "neck.alpha_bg=8"])
+    assert r.exit_code == 2 and "--set overrides" in r.output
