@@ -13,7 +13,7 @@ from . import __version__
 
 
 def _user_errors(fn):
-    """User mistakes (bad paths, configs, caches) end in one clear line and exit code 2."""
+    """User mistakes (bad paths, configs, caches) end in one clear `Error:` line and exit code 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .cache.store import CacheError

@@ -183,9 +183,6 @@ def test_error_invalid_json(tmp_path):
     assert "not valid JSON" in _assert_one_line_naming(e, bad)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="bug: coco._read_json assumes a JSON object; a top-level list "
-                   "(e.g. a COCO *results* file) raises AttributeError instead of DataError")
 def test_error_json_that_is_a_list(tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]))
@@ -194,9 +191,6 @@ def test_error_json_that_is_a_list(tmp_path):
     _assert_one_line_naming(e, results)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="bug: coco._read_json catches only JSONDecodeError; a binary file "
-                   "(e.g. an image given as annotations) raises UnicodeDecodeError instead of DataError")
 def test_error_binary_annotation_file(tmp_path, write_png):
     png = write_png(tmp_path / "not_json.png", 8, 8)
     with pytest.raises(DataError) as e:
@@ -357,10 +351,10 @@ def test_voc_loads_with_difficult_ignored_and_zero_based_boxes(voc_toml):
     dog, cat, person = (VOC_CLASSES.index(c) + 1 for c in ("dog", "cat", "person"))
 
     r0 = data.records[0]
-    np.testing.assert_array_equal(r0.boxes, [[10, 5, 29, 24]])  # 1-based -> 0-based
+    np.testing.assert_array_equal(r0.boxes, [[10, 5, 30, 25]])  # 1-based inclusive -> 0-based continuous
     assert r0.labels.tolist() == [dog]
     np.testing.assert_array_equal(r0.ignored_boxes, [[0, 0, 9, 9]])  # difficult: not trained on
-    np.testing.assert_array_equal(data.records[1].boxes, [[4, 3, 19, 19]])  # no <difficult>: not difficult
+    np.testing.assert_array_equal(data.records[1].boxes, [[4, 3, 20, 20]])  # no <difficult>: not difficult
     assert data.records[1].labels.tolist() == [person]
     assert data.records[2].boxes.shape == (0, 4)
 

@@ -238,10 +238,6 @@ def test_load_imagenet_backbone(tmp_path, tiny_model_toml):
             assert torch.equal(before[k], after[k]), k
 
 
-@pytest.mark.xfail(strict=True, raises=DataError,
-                   reason="bug: load_weights counts BatchNorm 'num_batches_tracked' keys as unexpected when the "
-                   "model uses FrozenBatchNorm2d (norm = \"frozen_bn\", the paper configs), so a state dict saved "
-                   "from torchvision.models.resnetXX() is refused")
 def test_load_imagenet_backbone_with_batchnorm_counters_into_frozen_bn(tmp_path, tiny_model_toml,
                                                                         write_model_toml):
     frozen = write_model_toml(tmp_path / "frozen.toml", backbone={"norm": "frozen_bn"})

@@ -16,10 +16,15 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found; check the path in the dataset TOML")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); is it a COCO annotation file?") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file; expected a COCO annotation JSON") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories' "
+                        f"(got a {type(data).__name__}; a detection results file is not an annotation file)")
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{path}: missing the COCO list '{key}'; is it a COCO annotation file?")

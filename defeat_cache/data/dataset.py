@@ -6,9 +6,10 @@ import math
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from ..views import Preprocessing, ViewGeometry, ViewSet, apply_view
 from .coco import load_coco
@@ -56,9 +57,9 @@ def load_dataset(toml_path: str | Path, split: str = "train") -> DetectionData:
 def read_image(record: ImageRecord) -> torch.Tensor:
     """Decodes one image to uint8 RGB [3, H, W]; a clear error names the image if it cannot."""
     try:
-        data = torch.frombuffer(bytearray(record.file.read_bytes()), dtype=torch.uint8)
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except (OSError, RuntimeError) as e:
+        with Image.open(record.file) as im:
+            image = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing, truncated, foreign files
         raise DataError(f"{record.file}: cannot read image id {record.image_id} ({e})") from None
     if tuple(image.shape[1:]) != (record.height, record.width):
         raise DataError(f"{record.file}: image id {record.image_id} is {image.shape[2]}x{image.shape[1]} "

@@ -33,7 +33,8 @@ def _parse_xml(path: Path, label_of: dict[str, int]):
         if name not in label_of or bb is None:
             objects.append(None)
             continue
-        # VOC pixel coordinates are 1-based and inclusive; shift to 0-based xyxy.
+        # VOC pixel coordinates are 1-based and inclusive: 0-based inclusive here (what VOC07
+        # evaluation's +1 convention expects); training uses the continuous box (x2 + 1).
         x1, y1, x2, y2 = (float(bb.findtext(k)) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax"))
         difficult = int(obj.findtext("difficult") or 0) == 1
         objects.append((x1, y1, x2, y2, label_of[name], difficult))
@@ -69,7 +70,7 @@ def load_voc(roots: list[Path], image_set: str, name: str, split: str,
                     ignored.append([x1, y1, x2, y2])
                     dropped["difficult boxes (ignored in training)"] += 1
                 else:
-                    boxes.append([x1, y1, x2, y2])
+                    boxes.append([x1, y1, x2 + 1, y2 + 1])
                     labels.append(lab)
                 coco_anns.append({"id": len(coco_anns) + 1, "image_id": image_id, "category_id": lab,
                                   "bbox": [x1, y1, x2 - x1 + 1, y2 - y1 + 1],

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from ..data.dataset import ViewDataset, collate
 from ..data.records import DetectionData
 from ..progress import progress
-from ..views import Preprocessing, ViewSet, pad_batch
+from ..views import Preprocessing, ViewSet
 from .metrics import coco_bbox_metrics, voc07_map
 
 
@@ -51,7 +51,9 @@ def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
                          "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": s})
     metrics = coco_bbox_metrics(data.coco_gt, dets)
     if data.voc_gt is not None:
-        voc_dets = [{"image_id": data.records[p["image_index"]].image_id, "label": lab, "box": box, "score": s}
+        # continuous predicted boxes -> VOC's inclusive pixel convention of the ground truth
+        voc_dets = [{"image_id": data.records[p["image_index"]].image_id, "label": lab,
+                     "box": [box[0], box[1], box[2] - 1, box[3] - 1], "score": s}
                     for p in predictions
                     for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist())]
         metrics["VOC07_mAP50"] = voc07_map(data.voc_gt, voc_dets, data.num_classes - 1)["mAP"]
@@ -66,4 +68,4 @@ def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: 
     return metrics
 
 
-__all__ = ["evaluate", "pad_batch", "predict", "score"]
+__all__ = ["evaluate", "predict", "score"]

@@ -26,9 +26,9 @@ from ..data.dataset import ViewDataset, ViewSampler, collate, load_dataset
 from ..data.records import DataError
 from ..models.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from ..models.forward import detector_forward
-from ..models.zoo import build_detector, load_model_spec, spec_dict
+from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
 from ..progress import log, progress
-from ..views import ViewSet
+from ..views import Preprocessing, ViewSet
 
 
 @dataclass
@@ -165,9 +165,9 @@ def train(opts: TrainOptions) -> dict:
     sampler = ViewSampler(len(data.records), len(views), seed=opts.seed, rank=du.rank(), world_size=du.world_size())
     batches_per_epoch = max(1, math.ceil(len(sampler) / opts.batch_size))
     epochs = opts.epochs if opts.epochs is not None else 12 * opts.schedule
-    total_iters = max(1, int(round(epochs * batches_per_epoch)))
-    if opts.max_iters:
-        total_iters = min(total_iters, opts.max_iters)
+    schedule_iters = max(1, int(round(epochs * batches_per_epoch)))
+    # --max-iters only decides when to stop: the schedule (warm-up, steps) stays the full run's.
+    total_iters = min(schedule_iters, opts.max_iters) if opts.max_iters else schedule_iters
     steps = [int(round(epochs * batches_per_epoch * f / 12)) for f in (8, 11)]
     global_batch = opts.batch_size * du.world_size()
     lr = opts.lr if opts.lr is not None else float(spec.config.get("train", {}).get("lr_per_image", 0.02 / 16)) * global_batch
@@ -175,7 +175,7 @@ def train(opts: TrainOptions) -> dict:
     params = [p for p in train_modules.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_iters, steps, min(opts.warmup_iters, total_iters // 3 + 1), opts.warmup_factor))
+        optimizer, _lr_lambda(schedule_iters, steps, min(opts.warmup_iters, schedule_iters // 3 + 1), opts.warmup_factor))
     use_amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -224,7 +224,10 @@ def train(opts: TrainOptions) -> dict:
             order = list(sampler)[skip * opts.batch_size:]
             loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=collate,
                                 num_workers=opts.workers, pin_memory=device.type == "cuda",
-                                persistent_workers=False, prefetch_factor=4 if opts.workers else None)
+                                persistent_workers=False, prefetch_factor=4 if opts.workers else None,
+                                # its own seed: a loader draws one from the global RNG otherwise,
+                                # which would make a resumed run sample RoIs differently
+                                generator=torch.Generator().manual_seed(opts.seed * 1_000_003 + epoch))
             for batch in loader:
                 images, targets = _to_device(batch, device)
                 with torch.autocast(device.type, enabled=use_amp):
@@ -239,6 +242,7 @@ def train(opts: TrainOptions) -> dict:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = nn.utils.clip_grad_norm_(params, opts.grad_clip) if opts.grad_clip else None
+                lr_used = optimizer.param_groups[0]["lr"]
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -251,7 +255,7 @@ def train(opts: TrainOptions) -> dict:
                     record["loss"] = float(loss.detach())
                     record = du.all_reduce_mean(record, device)
                     ips = window_images / max(now - window_start, 1e-9)
-                    record.update(iter=iteration, epoch=epoch, lr=optimizer.param_groups[0]["lr"],
+                    record.update(iter=iteration, epoch=epoch, lr=lr_used,
                                   images_per_s=round(ips, 2), time=round(now - start, 2))
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
@@ -286,14 +290,14 @@ def train(opts: TrainOptions) -> dict:
 
 def load_trained(checkpoint: str | Path, model_name: str | None = None, device: str | torch.device = "cpu"):
     """(model, preprocessing) from a checkpoint written by `train` (or a full torchvision state dict)."""
-    from ..views import Preprocessing
     ck = read_checkpoint(checkpoint)
     if "model_state" in ck:
-        name = ck["model"]["name"]
-        if model_name and model_name != name:
-            raise DataError(f"{checkpoint}: holds a {name!r} model, not {model_name!r}")
-        spec = load_model_spec(name)
-        spec.config = ck["model"]["config"]
+        m = ck["model"]
+        if model_name and m["name"] not in (model_name, Path(model_name).stem):
+            raise DataError(f"{checkpoint}: holds a {m['name']!r} model, not {model_name!r}")
+        # Rebuilt from what the checkpoint stores, so models given as TOML paths load too.
+        spec = ModelSpec(name=m["name"], family=m["family"], config=m["config"],
+                         preprocessing=Preprocessing.from_dict(ck["preprocessing"]))
         model = build_detector(spec, int(ck["num_classes"]))
         model.load_state_dict(ck["model_state"])
         return model.to(device), Preprocessing.from_dict(ck["preprocessing"]), ck

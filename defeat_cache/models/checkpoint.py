@@ -61,7 +61,11 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
         target = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.body.")}
     else:
         target = model.state_dict()
-    missing = [k for k in target if k not in state]
+    # torchvision's BatchNorm state has num_batches_tracked counters that FrozenBatchNorm2d
+    # lacks (and the reverse): counters carry no weights, so they never decide a mismatch.
+    counter = "num_batches_tracked"
+    state = {k: v for k, v in state.items() if not (k.endswith(counter) and k not in target)}
+    missing = [k for k in target if k not in state and not k.endswith(counter)]
     unexpected = [k for k in state if k not in target]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
               for k in target if k in state and state[k].shape != target[k].shape]
@@ -75,7 +79,7 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
             parts.append(f"{len(shapes)} shape mismatches: {_summarise(shapes, 2)}")
         kind = "ImageNet backbone" if backbone_only else "detector"
         raise DataError(f"{path}: does not fit this model as {kind} weights; " + "; ".join(parts))
-    model.load_state_dict(state, strict=not backbone_only)
+    model.load_state_dict(state, strict=False)  # completeness was checked above
     return "backbone" if backbone_only else "detector"
 
 
