@@ -92,7 +92,9 @@ def apply_view(image: torch.Tensor, pre: Preprocessing, flip: bool) -> tuple[tor
     geom = view_geometry((int(image.shape[1]), int(image.shape[2])), pre, flip)
     x = image.to(torch.float32).unsqueeze(0)
     if geom.image_size != geom.orig_size:
-        x = F.interpolate(x, size=geom.image_size, mode="bilinear", align_corners=False)
+        # float64: float32 bilinear results depend on torch's thread count, and a view must
+        # depend only on its arguments (DataLoader workers run single-threaded).
+        x = F.interpolate(x.double(), size=geom.image_size, mode="bilinear", align_corners=False).float()
     x = x[0]
     if flip:
         x = x.flip(-1)

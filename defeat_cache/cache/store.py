@@ -172,9 +172,11 @@ class CacheLayout:
             bad(f"num_items={self.num_items} must be a positive multiple of num_views={self.num_views}")
         if not self.feature_levels:
             bad("feature_levels is empty")
-        if self.max_proposals < 1 or self.max_gt < 0 or self.num_logits < 1:
+        # A teacher without an RoI head (RetinaNet) stores no proposals and no logits: both 0.
+        no_roi_head = self.max_proposals == 0 and self.num_logits == 0
+        if (not no_roi_head and (self.max_proposals < 1 or self.num_logits < 1)) or self.max_gt < 0:
             bad(f"max_proposals={self.max_proposals} (>=1), max_gt={self.max_gt} (>=0), "
-                f"num_logits={self.num_logits} (>=1)")
+                f"num_logits={self.num_logits} (>=1), or both 0 for a teacher without RoI head")
         get_codec(self.codec)
         for kind, levels in (("feature", self.feature_levels), ("backbone", self.backbone_levels)):
             names = [l.name for l in levels]

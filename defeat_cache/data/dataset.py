@@ -58,7 +58,7 @@ def read_image(record: ImageRecord) -> torch.Tensor:
     """Decodes one image to uint8 RGB [3, H, W]; a clear error names the image if it cannot."""
     try:
         with Image.open(record.file) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing, truncated, foreign files
         raise DataError(f"{record.file}: cannot read image id {record.image_id} ({e})") from None
     if tuple(image.shape[1:]) != (record.height, record.width):

@@ -145,10 +145,12 @@ class Distiller(nn.Module):
             raise DataError(f"teacher is {source.teacher_family}, student is {student.family}: "
                             "DeFeat distils within one detector family")
         if self.cls_on and student.family == "retinanet":
-            if preset["name"] != "defeat":
+            if not (self.neck_on or bb["enabled"]):
                 raise DataError(f"preset {preset['name']}: RoI-classifier KD needs a Faster R-CNN student "
-                                "(RetinaNet has no RoI head); use a neck-only preset")
-            self.cls_on = False  # the paper's RetinaNet recipe is neck only
+                                "(RetinaNet has no RoI head); use a preset with neck distillation")
+            log("RetinaNet student: the preset's RoI-classifier part does not apply (no RoI head); "
+                "distilling the neck/backbone parts, as the paper's RetinaNet recipe")
+            self.cls_on = False
         if self.bb_on and not source.has_backbone:
             raise DataError("preset enables backbone distillation but the cache has no backbone features; "
                             "re-extract with --backbone")

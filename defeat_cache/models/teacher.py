@@ -86,8 +86,9 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], gt_boxes: list[Ten
             logits = roi_class_logits(teacher, fpn, rois, image_list.image_sizes).float()
             per_image = logits.split([len(r) for r in rois])
         for j, i in enumerate(idx):
-            if retina:
-                plog = glog = torch.zeros(0, 0, device=device)
+            if retina:  # no RoI head: no logits, but the GT rows keep their count
+                plog = torch.zeros(0, 0, device=device)
+                glog = torch.zeros(len(gt_boxes[i]), 0, device=device)
             else:
                 n = len(boxes[j])
                 plog, glog = per_image[j][:n], per_image[j][n:]

@@ -1,0 +1,457 @@
+"""Stage 2: DeFeat distillation from a teacher cache (defeat_cache.distill, engine.train in cache mode).
+
+The central check is invariant 1 (faithfulness): one training step computed from the cache equals
+the same step with the teacher run online, loss term by loss term and gradient by gradient. All
+caches come from conftest's ``tiny_cache`` (extracted with batch_size=1, so cached values are
+bit-identical to the single-image teacher forward the online source runs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.data import DataLoader
+
+from defeat_cache.cache import extract as extract_mod
+from defeat_cache.cache import store as store_mod
+from defeat_cache.cache.extract import ExtractOptions, extract
+from defeat_cache.cli import main as cli
+from defeat_cache.data.dataset import collate, load_dataset
+from defeat_cache.data.records import DataError
+from defeat_cache.distill import distiller as distiller_mod
+from defeat_cache.distill.distiller import CachedViewDataset, build_distiller
+from defeat_cache.distill.presets import list_presets, load_preset
+from defeat_cache.engine import train as train_mod
+from defeat_cache.engine.train import TrainOptions, TrainStep, train
+from defeat_cache.models import zoo
+from defeat_cache.models.zoo import build_detector, load_model_spec
+
+CPU = torch.device("cpu")
+NECK_TERMS = ("loss_neck_obj", "loss_neck_bg", "loss_neck")
+DET_TERMS = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+KD_TERMS = {"loss_neck_obj", "loss_neck_bg", "loss_neck", "loss_cls_pos", "loss_cls_neg", "loss_cls_kd",
+            "loss_backbone"}
+
+
+# ------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def data(tiny_shapes):
+    return load_dataset(tiny_shapes, "train")
+
+
+@pytest.fixture(scope="module")
+def student_spec(tiny_student_toml):
+    return load_model_spec(str(tiny_student_toml))
+
+
+def _preset(name: str, tiny_cache, *overrides):
+    return load_preset(name, [f"teacher.proposals={tiny_cache.proposals}",
+                              f"teacher.pre_nms_top_n={tiny_cache.pre_nms_top_n}", *overrides])
+
+
+def _make_step(student_spec, data, preset, **source) -> TrainStep:
+    """Student + distiller built exactly as train() builds them (seed 0 before the student)."""
+    torch.manual_seed(0)
+    student = build_detector(student_spec, data.num_classes)
+    opts = TrainOptions(student=student_spec.name, data="unused", out="unused", distill=preset, **source)
+    dist = build_distiller(opts, student_spec, data, student_spec.preprocessing, CPU)
+    return TrainStep(student, dist).train()
+
+
+def _pick_batches(ds) -> list[list[tuple[int, int]]]:
+    """Two batches of 2 (image, view) pairs, each mixing an hflip view and an orig view of images
+    with different canvas sizes (so the student batch is padded and the valid masks matter)."""
+    n = len(ds.data.records)
+    canvas = [ds.sample(i, 0)["geometry"].canvas_size for i in range(n)]
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j and canvas[i] != canvas[j]]
+    assert len(pairs) >= 2, "tiny_shapes needs images of two canvas sizes"
+    (a, b), (c, d) = pairs[0], next(p for p in pairs[1:] if set(p).isdisjoint(pairs[0]))
+    return [[(a, 1), (b, 0)], [(c, 0), (d, 1)]]
+
+
+def _run(step: TrainStep, samples: list[dict], seed: int):
+    images = [s["image"] for s in samples]
+    targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
+    step.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    losses = step(images, targets, samples)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in step.named_parameters() if p.grad is not None}
+    return {k: v.detach().double().item() for k, v in losses.items()}, grads
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _expected_kd_terms(preset: dict) -> set[str]:
+    out = set()
+    neck, cls, bb = preset["neck"], preset["cls"], preset["backbone"]
+    if neck["enabled"] and (neck["alpha_obj"] > 0 or neck["alpha_bg"] > 0):
+        out |= {"loss_neck"} if neck["mask"] == "all" else {"loss_neck_obj", "loss_neck_bg"}
+    if cls["enabled"]:
+        out |= {"loss_cls_kd"} if cls["mode"] == "all" else {"loss_cls_pos", "loss_cls_neg"}
+    if bb["enabled"]:
+        out |= {"loss_backbone"}
+    return out
+
+
+def _train_opts(run_dir, student_toml, data_toml, **kw) -> TrainOptions:
+    base = dict(student=str(student_toml), data=str(data_toml), out=str(run_dir), max_iters=2, batch_size=2,
+                workers=0, log_every=1, progress=False, checkpoint_minutes=1e9)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+# ------------------------------------------------------------------------------------ faithfulness
+@pytest.fixture(scope="module")
+def online_reference(tiny_cache, student_spec, data, tiny_model_toml, tiny_teacher_checkpoint):
+    """Factory preset -> the online-mode step (teacher in memory) on two fixed batches: its initial
+    state, and per batch the samples, losses and gradients (computed once per preset)."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            preset = _preset(name, tiny_cache)
+            step = _make_step(student_spec, data, preset, teacher=str(tiny_model_toml),
+                              teacher_checkpoint=str(tiny_teacher_checkpoint))
+            assert isinstance(step.distiller.source, distiller_mod.OnlineSource)
+            ds = step.distiller.dataset(data, step.distiller.preprocessing)
+            batches = _pick_batches(ds)
+            state = {k: v.clone() for k, v in step.state_dict().items()}
+            results = []
+            for k, keys in enumerate(batches):
+                samples = [ds[key] for key in keys]
+                results.append((samples, *_run(step, samples, seed=k)))
+            made[name] = (preset, batches, state, results)
+        return made[name]
+
+    return get
+
+
+# Tolerances of the lossy codecs (rounding only touches the cached FEATURES; proposals, objectness and
+# logits are float32 in every codec): neck terms relative error, gradients relative to each tensor's
+# largest gradient. Measured on this tiny setup (random-init teacher): fp16 ~8e-5 / 3e-4, int8 ~1e-4 / 2e-3.
+CODEC_TOL = {"fp32": (1e-5, 1e-6), "fp16": (1e-3, 1e-2), "int8": (1e-2, 5e-2)}
+
+
+def _compare(step, ds, reference, codec: str, label: str) -> dict:
+    preset, batches, state, results = reference
+    neck_tol, grad_tol = CODEC_TOL[codec]
+    feature_terms = NECK_TERMS + ("loss_backbone",)
+    report = {}
+    for k, (keys, (online_samples, ref_losses, ref_grads)) in enumerate(zip(batches, results)):
+        samples = [ds[key] for key in keys]
+        for s, o in zip(samples, online_samples):  # the same student input in both modes
+            assert torch.equal(s["image"], o["image"]) and torch.equal(s["boxes"], o["boxes"])
+        losses, grads = _run(step, samples, seed=k)
+        assert set(losses) == set(ref_losses) == DET_TERMS | _expected_kd_terms(preset)
+        for name, ref in ref_losses.items():
+            rel = abs(losses[name] - ref) / max(abs(ref), 1e-12)
+            report[name] = max(report.get(name, 0.0), rel)
+            tol = neck_tol if name in feature_terms else 1e-5
+            assert rel <= tol, f"{label} batch {k}: {name} cache {losses[name]!r} vs online {ref!r} (rel {rel:.3g})"
+        assert set(grads) == set(ref_grads)
+        if preset["neck"]["enabled"]:
+            assert any(n.startswith("distiller.neck_adapters") for n in grads)
+        if preset["backbone"]["enabled"]:
+            assert any(n.startswith("distiller.backbone_adapters") for n in grads)
+        worst = 0.0
+        for name, g in ref_grads.items():
+            scale = float(g.abs().max())
+            err = float((grads[name] - g).abs().max())
+            worst = max(worst, err / scale if scale > 0 else err)
+            assert err <= grad_tol * max(scale, 1e-12), f"{label} batch {k}: grad {name} err {err:.3g} (scale {scale:.3g})"
+        report["grad_rel_max"] = max(report.get("grad_rel_max", 0.0), worst)
+    print(f"\n[faithfulness {label}] max relative deviation from online: "
+          + ", ".join(f"{k}={v:.3g}" for k, v in sorted(report.items())))
+    return report
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+def test_cache_step_equals_online_step(codec, tiny_cache, online_reference, student_spec, data):
+    reference = online_reference("defeat")
+    preset, batches, state, _ = reference
+    step = _make_step(student_spec, data, preset, cache=tiny_cache(codec))
+    assert isinstance(step.distiller.source, distiller_mod.CacheSource)
+    step.load_state_dict(state)  # identical student AND adapter weights
+    ds = step.distiller.dataset(data, step.distiller.preprocessing)
+    assert isinstance(ds, CachedViewDataset)
+    for keys in batches:
+        samples = [ds[key] for key in keys]
+        assert any(s["geometry"].flip for s in samples)
+        assert len({s["geometry"].canvas_size for s in samples}) == 2
+    report = _compare(step, ds, reference, codec, f"defeat/{codec}")
+    assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(report)
+    if codec == "fp32":
+        assert all(v <= 1e-6 for v in report.values()), report
+
+
+@pytest.mark.parametrize("name", ["defeat_backbone", "mask_random", "mask_fgfi", "cls_subneg", "neck_decoupled_cls_all"])
+def test_cache_step_equals_online_step_other_presets(name, tiny_cache, online_reference, student_spec, data):
+    """fp32 cache, presets whose terms use other cached arrays (backbone stages) or the RNG
+    (random mask, negative subsampling) or the student's anchors (FG-Mask)."""
+    reference = online_reference(name)
+    preset, _, state, _ = reference
+    step = _make_step(student_spec, data, preset, cache=tiny_cache("fp32", backbone=bool(preset["backbone"]["enabled"])))
+    step.load_state_dict(state)
+    report = _compare(step, step.distiller.dataset(data, step.distiller.preprocessing), reference, "fp32", name)
+    assert all(v <= 1e-6 for v in report.values()), report
+
+
+def test_faithful_on_images_without_boxes(tmp_path, tiny_shapes, tiny_model_toml, tiny_teacher_checkpoint,
+                                          student_spec):
+    """Batches whose images have no GT (G = 0 cached gt logits; no positive RoIs; all-background masks)."""
+    src = Path(tiny_shapes).parent
+    dst = tmp_path / "data"
+    dst.mkdir()
+    (dst / "images").symlink_to(src / "images")
+    (dst / "annotations").mkdir()
+    coco = json.loads((src / "annotations" / "train.json").read_text())
+    coco["images"] = coco["images"][:4]
+    keep = {coco["images"][0]["id"], coco["images"][3]["id"]}  # images 1 and 2 lose their boxes
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    (dst / "annotations" / "train.json").write_text(json.dumps(coco))
+    (dst / "data.toml").write_text((src / "data.toml").read_text())
+    data_toml = dst / "data.toml"
+    small = load_dataset(data_toml, "train")
+    assert [len(r.boxes) == 0 for r in small.records] == [False, True, True, False]
+
+    cache = tmp_path / "c.zarr"
+    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint), data=str(data_toml),
+                           out=str(cache), codec="fp32", proposals=20, pre_nms_top_n=50, batch_size=1, workers=0,
+                           items_per_shard=3, progress=False))
+    preset = load_preset("defeat", ["teacher.proposals=20", "teacher.pre_nms_top_n=50"])
+    online = _make_step(student_spec, small, preset, teacher=str(tiny_model_toml),
+                        teacher_checkpoint=str(tiny_teacher_checkpoint))
+    cached = _make_step(student_spec, small, preset, cache=str(cache))
+    cached.load_state_dict(online.state_dict())
+    ds_on = online.distiller.dataset(small, online.distiller.preprocessing)
+    ds_c = cached.distiller.dataset(small, cached.distiller.preprocessing)
+    for k, keys in enumerate([[(1, 0), (2, 1)], [(0, 1), (2, 0)]]):
+        l_on, g_on = _run(online, [ds_on[key] for key in keys], seed=k)
+        l_c, g_c = _run(cached, [ds_c[key] for key in keys], seed=k)
+        assert [ds_c[key]["teacher"].gt_logits.shape[0] for key in keys] == [len(small.records[i].boxes)
+                                                                            for i, _ in keys]
+        if k == 0:  # no GT in the whole batch: no positive RoIs, no object cells
+            assert l_c["loss_cls_pos"] == 0 and l_c["loss_neck_obj"] == 0
+            assert l_c["loss_cls_neg"] > 0 and l_c["loss_neck_bg"] > 0
+        assert set(l_on) == set(l_c)
+        for name in l_on:
+            assert math.isfinite(l_c[name])
+            assert l_c[name] == pytest.approx(l_on[name], rel=1e-5, abs=1e-9), name
+        for name, g in g_on.items():
+            assert float((g_c[name] - g).abs().max()) <= 1e-6 * max(float(g.abs().max()), 1e-12), name
+
+
+# ------------------------------------------------------------------------------------ no teacher in cache mode
+def test_cache_mode_training_builds_no_teacher(tmp_path, monkeypatch, tiny_cache, tiny_student_toml, tiny_shapes):
+    built = []
+    real = zoo.build_detector
+
+    def counting(spec, num_classes):
+        built.append(spec if isinstance(spec, str) else spec.name)
+        return real(spec, num_classes)
+
+    for mod in (zoo, train_mod, distiller_mod, extract_mod):
+        monkeypatch.setattr(mod, "build_detector", counting)
+
+    def no_online(*a, **kw):
+        raise AssertionError("OnlineSource constructed in cache mode")
+
+    def no_teacher_forward(*a, **kw):
+        raise AssertionError("teacher forward in cache mode")
+
+    monkeypatch.setattr(distiller_mod.OnlineSource, "__init__", no_online)
+    monkeypatch.setattr(distiller_mod, "teacher_outputs", no_teacher_forward)
+    summary = train(_train_opts(tmp_path / "run", tiny_student_toml, tiny_shapes, distill=_preset("defeat", tiny_cache),
+                                cache=tiny_cache("fp32")))
+    assert summary["iterations"] == 2
+    assert built == ["tiny_student"]
+
+
+def test_online_mode_training_builds_the_teacher(tmp_path, monkeypatch, tiny_cache, tiny_student_toml, tiny_shapes,
+                                                tiny_model_toml, tiny_teacher_checkpoint):
+    """The counterpart of the test above (and a check that the counting sees teachers at all)."""
+    built = []
+    real = zoo.build_detector
+
+    def counting(spec, num_classes):
+        built.append(spec if isinstance(spec, str) else spec.name)
+        return real(spec, num_classes)
+
+    for mod in (zoo, train_mod, distiller_mod):
+        monkeypatch.setattr(mod, "build_detector", counting)
+    train(_train_opts(tmp_path / "run", tiny_student_toml, tiny_shapes, max_iters=1, distill=_preset("defeat", tiny_cache),
+                      teacher=str(tiny_model_toml), teacher_checkpoint=str(tiny_teacher_checkpoint)))
+    assert sorted(built) == ["tiny_frcnn", "tiny_student"]
+
+
+# ------------------------------------------------------------------------------------ mismatching caches
+def test_cache_of_other_dataset_is_refused(tmp_path, tiny_cache, tiny_student_toml):
+    from defeat_cache.data.shapes import generate_shapes
+    other = generate_shapes(tmp_path / "other", num_train=12, num_val=2, seed=1, min_side=64, max_side=96,
+                            progress=False)
+    with pytest.raises(DataError) as e:
+        train(_train_opts(tmp_path / "run", tiny_student_toml, other, distill=_preset("defeat", tiny_cache),
+                          cache=tiny_cache("fp32")))
+    msg = str(e.value)
+    assert "dataset" in msg and "fingerprint" in msg and tiny_cache("fp32") in msg
+
+
+def test_cache_of_other_preprocessing_is_refused(tmp_path, tiny_cache, tiny_shapes, write_model_toml):
+    student = write_model_toml(tmp_path / "student80.toml", backbone={"width_divisor": 8, "fpn_channels": 16},
+                               input={"min_size": 80, "max_size": 96})
+    with pytest.raises(DataError) as e:
+        train(_train_opts(tmp_path / "run", student, tiny_shapes, distill=_preset("defeat", tiny_cache),
+                          cache=tiny_cache("fp32")))
+    msg = str(e.value)
+    assert "preprocessing" in msg and "min_size" in msg and "64" in msg and "80" in msg
+
+
+def test_backbone_preset_needs_backbone_cache(tiny_cache, student_spec, data):
+    with pytest.raises(DataError, match="--backbone"):
+        _make_step(student_spec, data, _preset("defeat_backbone", tiny_cache), cache=tiny_cache("fp32"))
+
+
+# ------------------------------------------------------------------------------------ every preset trains
+EXPECTED = {  # METHOD.md: the loss names each paper preset must log
+    "defeat": {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"},
+    "neck_all": {"loss_neck"},
+    "cls_all": {"loss_cls_kd"},
+    "neck_decoupled_cls_all": {"loss_neck_obj", "loss_neck_bg", "loss_cls_kd"},
+    "defeat_backbone": {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg", "loss_backbone"},
+}
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+    preset = _preset(name, tiny_cache)
+    expected = _expected_kd_terms(preset)
+    if name in EXPECTED:
+        assert expected == EXPECTED[name]
+    cache = tiny_cache("fp32", backbone=bool(preset["backbone"]["enabled"]))
+    run = tmp_path / "run"
+    summary = train(_train_opts(run, tiny_student_toml, tiny_shapes, distill=preset, cache=cache))
+    assert summary["iterations"] == 2 and Path(summary["final"]).is_file()
+    lines = _metrics(run)
+    assert [l["iter"] for l in lines] == [1, 2]
+    for line in lines:
+        kd = {k for k in line if k.startswith("loss_")} - DET_TERMS
+        assert kd == expected, f"{name}: logged {sorted(kd)}, expected {sorted(expected)}"
+        assert DET_TERMS <= set(line)
+        assert all(math.isfinite(line[k]) for k in kd | {"loss"})
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["options"]["cache"] == cache and cfg["options"]["distill"]["name"] == name
+
+
+# ------------------------------------------------------------------------------------ --set overrides
+def test_preset_overrides():
+    assert load_preset("defeat")["neck"]["alpha_bg"] == 16.0
+    p = load_preset("defeat", ["neck.alpha_bg=8", "cls.mode=\"all\"", "backbone.stages=[\"c4\"]"])
+    assert p["neck"]["alpha_bg"] == 8 and p["cls"]["mode"] == "all" and p["backbone"]["stages"] == ["c4"]
+    assert p["overrides"] == ["neck.alpha_bg=8", "cls.mode=\"all\"", "backbone.stages=[\"c4\"]"]
+    assert load_preset("defeat")["neck"]["alpha_bg"] == 16.0  # the file is not changed
+    with pytest.raises(DataError, match="alpha_typo"):
+        load_preset("defeat", ["neck.alpha_typo=8"])
+    with pytest.raises(DataError, match="nosection"):
+        load_preset("defeat", ["nosection.alpha_bg=8"])
+    with pytest.raises(DataError, match="SECTION.KEY=VALUE"):
+        load_preset("defeat", ["neck.alpha_bg"])
+    with pytest.raises(DataError, match="alpha_bg"):
+        load_preset("defeat", ["neck.alpha_bg=-1"])
+    with pytest.raises(DataError, match="no_such_preset"):
+        load_preset("no_such_preset")
+
+
+def test_cli_train_from_cache_with_override(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+    run = tmp_path / "run"
+    common = ["train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes), "--out", str(run),
+              "--cache", tiny_cache("fp32"), "--distill", "defeat", "--max-iters", "1", "--batch-size", "2",
+              "--workers", "0", "--log-every", "1"]
+    res = CliRunner().invoke(cli, common + ["--set", "neck.alpha_bg=8"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["iterations"] == 1
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["options"]["distill"]["neck"]["alpha_bg"] == 8
+    assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(_metrics(run)[0])
+
+    bad = CliRunner().invoke(cli, common + ["--set", "neck.nope=1"])
+    assert bad.exit_code != 0 and "nope" in bad.output and "Traceback" not in bad.output
+
+
+# ------------------------------------------------------------------------------------ RetinaNet
+@pytest.fixture(scope="module")
+def retina_cache(tmp_path_factory, tiny_retina_toml, tiny_retina_checkpoint, tiny_shapes):
+    """A RetinaNet teacher cache (FPN P3-P7 and backbone stages; no proposals or logits)."""
+    out = tmp_path_factory.mktemp("retina_cache") / "r.zarr"
+    extract(ExtractOptions(teacher=str(tiny_retina_toml), checkpoint=str(tiny_retina_checkpoint),
+                           data=str(tiny_shapes), out=str(out), codec="fp16", backbone=True, workers=0,
+                           batch_size=4, items_per_shard=8, progress=False))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def retina_student_toml(tmp_path_factory, tiny_retina_toml, write_model_toml):
+    cfg = tomllib.loads(Path(tiny_retina_toml).read_text())
+    return write_model_toml(tmp_path_factory.mktemp("models") / "tiny_retina_student.toml", base=cfg,
+                            backbone={"width_divisor": 8, "fpn_channels": 16})
+
+
+def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_student_toml, tiny_shapes,
+                                                tiny_student_toml):
+    run = tmp_path / "run"
+    summary = train(_train_opts(run, retina_student_toml, tiny_shapes, distill=load_preset("defeat"),
+                                cache=retina_cache))
+    assert summary["iterations"] == 2
+    for line in _metrics(run):
+        assert {"loss_neck_obj", "loss_neck_bg"} <= set(line)
+        assert not {k for k in line if k.startswith("loss_cls_")}
+        assert all(math.isfinite(line[k]) for k in ("loss_neck_obj", "loss_neck_bg", "loss"))
+
+    # backbone imitation (METHOD.md sec 5: RetinaNet neck + optional backbone) once cls KD is switched off
+    run_bb = tmp_path / "run_bb"
+    train(_train_opts(run_bb, retina_student_toml, tiny_shapes, max_iters=1,
+                      distill=load_preset("defeat_backbone"), cache=retina_cache))
+    line = _metrics(run_bb)[0]
+    assert {"loss_neck_obj", "loss_neck_bg", "loss_backbone"} <= set(line) and math.isfinite(line["loss_backbone"])
+
+    with pytest.raises(DataError, match="RoI"):  # a cls-only preset cannot apply to RetinaNet
+        train(_train_opts(tmp_path / "run2", retina_student_toml, tiny_shapes, distill=load_preset("cls_decoupled"),
+                          cache=retina_cache))
+    with pytest.raises(DataError, match="family|retinanet"):  # no cross-family distillation
+        train(_train_opts(tmp_path / "run3", tiny_student_toml, tiny_shapes, distill=load_preset("neck_decoupled"),
+                          cache=retina_cache))
+
+
+# ------------------------------------------------------------------------------------ concurrent readers
+def test_concurrent_readers_read_identical_items(tiny_cache, data, student_spec):
+    from defeat_cache.cache.store import TeacherCache
+    from defeat_cache.views import ViewSet
+
+    path = tiny_cache("int8")
+    keys = [(i, v) for i in range(len(data.records)) for v in (0, 1)]
+
+    def loader():
+        ds = CachedViewDataset(data, student_spec.preprocessing, ViewSet.parse("orig,hflip"), TeacherCache(path))
+        return DataLoader(ds, batch_size=3, sampler=keys, collate_fn=collate, num_workers=2)
+
+    reference = TeacherCache(path)
+    seen = 0
+    for b1, b2 in zip(loader(), loader()):  # both loaders (4 worker processes) read at the same time
+        for s1, s2 in zip(b1, b2):
+            assert (s1["image_index"], s1["view_index"]) == (s2["image_index"], s2["view_index"])
+            t1, t2 = s1["teacher"], s2["teacher"]
+            ref = reference.read(s1["image_index"] * 2 + s1["view_index"])
+            for a, b, r in zip(t1.features, t2.features, ref.features):
+                assert torch.equal(a, b) and torch.equal(a, r)
+            for name in ("proposals", "objectness", "proposal_logits", "gt_boxes", "gt_logits"):
+                assert torch.equal(getattr(t1, name), getattr(t2, name))
+                assert torch.equal(getattr(t1, name), getattr(ref, name))
+            seen += 1
+    assert seen == len(keys)
