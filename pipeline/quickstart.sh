@@ -5,7 +5,7 @@
 # usage: bash pipeline/quickstart.sh [OUT_DIR]
 set -euo pipefail
 OUT=${1:-out/quickstart}
-EPOCHS=${QUICKSTART_EPOCHS:-2.67}   # x 300 iterations of batch 4 over 1200 images
+EPOCHS=${QUICKSTART_EPOCHS:-2}   # x 300 iterations of batch 4 over 1200 images
 SEED=${QUICKSTART_SEED:-0}
 mkdir -p "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
