@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=${1:-out/quickstart}
 shift || true
 SEEDS=${*:-0 1 2}
-EPOCHS=${QUICKSTART_EPOCHS:-2}
+EPOCHS=${QUICKSTART_EPOCHS:-1.5}
 DATA="$OUT/data/data.toml"
 here=$(cd "$(dirname "$0")" && pwd)
 [ -f "$OUT/cache.zarr/zarr.json" ] || { echo "no $OUT/cache.zarr: run pipeline/quickstart.sh $OUT first" >&2; exit 1; }
@@ -26,7 +26,7 @@ run() {  # name seed [extra train args...]
 for seed in $SEEDS; do
   echo "=== seed $seed ==="
   run student "$seed"
-  run defeat "$seed" --cache "$OUT/cache.zarr" --distill defeat
+  run defeat "$seed" --cache "$OUT/cache.zarr" --distill defeat_cpu
 done
 
 python "$here/seed_table.py" "$OUT" $SEEDS

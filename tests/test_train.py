@@ -266,7 +266,8 @@ def test_cli_train_then_eval(tmp_path, tiny_shapes):
     assert [m["iter"] for m in _metrics(run)] == [1, 2]
 
     model, pre, ck = load_trained(run / "final.pt", "r18q_fpn_cpu")  # load_trained round trip
-    assert (pre.min_size, pre.max_size) == (160, 224) and ck["iteration"] == 2
+    from defeat_cache.models.zoo import load_model_spec
+    assert pre == load_model_spec("r18q_fpn_cpu").preprocessing and ck["iteration"] == 2
     assert _max_diff(model.state_dict(), ck["model_state"]) == 0.0
     with pytest.raises(DataError, match="not 'r50_fpn'"):
         load_trained(run / "final.pt", "r50_fpn")
