@@ -12,7 +12,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,6 @@ class TrainOptions:
     cache: str | None = None
     teacher: str | None = None
     teacher_checkpoint: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _lr_lambda(total_iters: int, steps: list[int], warmup_iters: int, warmup_factor: float):
