@@ -133,7 +133,9 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
                           amp=not no_amp, log_every=log_every, distill=distill, cache=cache, teacher=teacher,
                           teacher_checkpoint=teacher_checkpoint)
     summary = train(opts)
-    click.echo(json.dumps(summary))
+    from .distributed import is_main_process
+    if is_main_process():
+        click.echo(json.dumps(summary))
 
 
 @main.command("extract")
@@ -158,11 +160,13 @@ def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, propos
                 device, items_per_shard, amp):
     """Run the teacher once and write its features, proposals and RoI logits to a cache (resumable)."""
     from .cache.extract import ExtractOptions, extract
+    from .distributed import is_main_process
     summary = extract(ExtractOptions(teacher=teacher, checkpoint=checkpoint, data=data_toml, out=out, split=split,
                                      views=views, codec=codec, proposals=proposals, backbone=backbone,
                                      batch_size=batch_size, workers=workers, device=device,
                                      items_per_shard=items_per_shard, amp=amp))
-    click.echo(json.dumps(summary))
+    if is_main_process():  # under torchrun: one summary, not one per rank
+        click.echo(json.dumps(summary))
 
 
 @main.command("inspect")

@@ -90,3 +90,26 @@ def test_killed_two_rank_run_resumes_with_one_process(tmp_path, reference_cache,
                                      items_per_shard=2, batch_size=1, workers=0, progress=False))
     assert summary["complete"] and summary["written_shards"] == partial.layout.num_shards - done
     _assert_same_cache(reference_cache, str(out))
+
+
+def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+    """torchrun + gloo: DistributedDataParallel over (student, adapters), each rank reading its
+    own part of the same cache; rank 0 alone logs (losses averaged over ranks) and checkpoints."""
+    import json
+    cache = tiny_cache("fp16", False)
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+              "defeat_cache", "train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes),
+              "--out", str(out), "--cache", str(cache), "--distill", "defeat", "--max-iters", "3",
+              "--batch-size", "2", "--workers", "0", "--log-every", "1"]
+    r = subprocess.run(launch, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["iterations"] == 3  # one rank reports
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in lines] == [1, 2, 3]  # written once, by rank 0
+    assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(lines[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["global_batch"] == 4  # 2 ranks x 2 images
+    assert (out / "final.pt").is_file()
