@@ -22,10 +22,6 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except (DataError, CacheError, FileNotFoundError, FloatingPointError) as e:
             raise click.ClickException(str(e)) from None
-        except RuntimeError as e:
-            if "--device" in str(e) or "cache" in str(e).lower():
-                raise click.ClickException(str(e)) from None
-            raise
     return wrapper
 
 

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .data.records import DataError
+
 
 def init_from_env(device: str) -> torch.device:
     """Joins the process group if started by torchrun; returns this rank's device."""
@@ -22,7 +24,7 @@ def init_from_env(device: str) -> torch.device:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available here; use --device cpu")
+            raise DataError("--device cuda: no CUDA device is available here; use --device cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(device)
 

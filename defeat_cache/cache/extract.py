@@ -130,8 +130,8 @@ class _ShardWriterThread:
     """Encodes and writes finished shards off the teacher's thread; a bounded queue keeps
     memory to (queue size + 1) shards and stalls the teacher only when writing falls behind."""
 
-    def __init__(self, writer: CacheWriter, max_pending: int = 2):
-        self.writer = writer
+    def __init__(self, writer: CacheWriter, data: DetectionData, max_pending: int = 2):
+        self.writer, self.data = writer, data
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -158,8 +158,14 @@ class _ShardWriterThread:
     def check(self) -> None:
         if self.error is not None:
             e = self.error
+            # The store checks every value before writing anything of a shard; name the image.
             if isinstance(e, NonFiniteError):
-                raise DataError(f"teacher output is not finite: {e}; the cache was not written for this shard") from None
+                where = ""
+                if e.image_index is not None:
+                    record = self.data.records[e.image_index]
+                    where = f" for image id {record.image_id} ({record.file}), view {e.view_index}"
+                raise DataError(f"teacher output cannot be cached{where}: {e}; check the teacher checkpoint "
+                                "or use --codec fp32. Nothing was written for its shard") from None
             raise e
 
     def close(self) -> None:
@@ -211,7 +217,7 @@ def extract(opts: ExtractOptions) -> dict:
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
     bar = progress(len(order), "extract", enabled=opts.progress)
-    write_thread = _ShardWriterThread(writer)
+    write_thread = _ShardWriterThread(writer, data)
     buffers: dict[int, dict[int, CacheItem]] = {s: {} for s in pending}
     shard_of = {i: s for s in pending for i in writer.shard_items(s)}
     start, written = time.time(), [0]
@@ -234,7 +240,6 @@ def extract(opts: ExtractOptions) -> dict:
                     proposal_logits=o.proposal_logits.cpu(), gt_boxes=o.gt_boxes.cpu(),
                     gt_logits=o.gt_logits.cpu(),
                     backbone_features=[b.cpu() for b in o.backbone_features] if o.backbone_features else None)
-                _check_finite(item, data)
                 shard = shard_of[s["item"]]
                 buf = buffers[shard]
                 buf[s["item"]] = item
@@ -255,19 +260,6 @@ def extract(opts: ExtractOptions) -> dict:
         log(f"wrote {written[0]} shards ({len(order)} items) in {seconds:.1f}s"
             + ("; cache complete" if complete else "; other shards remain (run again to finish)"))
     return summary
-
-
-def _check_finite(item: CacheItem, data: DetectionData) -> None:
-    """Stops before a poisoned value reaches the store, naming the image."""
-    tensors = {"features": item.features, "proposals": [item.proposals], "objectness": [item.objectness],
-               "proposal_logits": [item.proposal_logits], "gt_logits": [item.gt_logits],
-               "backbone": item.backbone_features or []}
-    for name, ts in tensors.items():
-        for t in ts:
-            if not torch.isfinite(t).all():
-                record = data.records[item.image_index]
-                raise DataError(f"teacher output {name} is NaN/Inf for image id {record.image_id} ({record.file}), "
-                                f"view {item.view_index}; check the teacher checkpoint. Nothing was written for it")
 
 
 __all__ = ["DEFAULT_CODEC", "ExtractOptions", "TeacherCache", "extract", "plan_layout"]

@@ -95,7 +95,13 @@ class CacheMismatchError(CacheError):
 
 
 class NonFiniteError(CacheError, ValueError):
-    """A tensor to be cached holds NaN/Inf (or overflows the codec's stored dtype)."""
+    """A tensor to be cached holds NaN/Inf (or overflows the codec's stored dtype).
+
+    `image_index`/`view_index` say which item, so callers can name the image to the user."""
+
+    def __init__(self, message: str, image_index: int | None = None, view_index: int | None = None):
+        super().__init__(message)
+        self.image_index, self.view_index = image_index, view_index
 
 
 class IncompleteCacheError(CacheError):
@@ -528,7 +534,7 @@ class CacheWriter:
             bad = ~np.isfinite(a)
             if bad.any():
                 raise NonFiniteError(f"{who}: {name} holds {int(bad.sum())} non-finite value(s) "
-                                     f"(NaN/Inf); refusing to cache it")
+                                     f"(NaN/Inf); refusing to cache it", int(item.image_index), int(item.view_index))
             return a
 
         def levels(tensors, specs, kind):
@@ -544,7 +550,8 @@ class CacheWriter:
                                      f"{(spec.max_h, spec.max_w)}")
                 if float(np.abs(a).max(initial=0.0)) > self.codec.max_abs:
                     raise NonFiniteError(f"{who}: {name} has |values| up to {float(np.abs(a).max()):.4g}, "
-                                         f"which overflow codec {self.codec.name} (max {self.codec.max_abs:g})")
+                                         f"which overflow codec {self.codec.name} (max {self.codec.max_abs:g})",
+                                         int(item.image_index), int(item.view_index))
                 out.append(a)
             return out
 

@@ -63,7 +63,7 @@ class TrainOptions:
     teacher_checkpoint: str | None = None
 
 
-def _lr_lambda(total_iters: int, steps: list[int], warmup_iters: int, warmup_factor: float):
+def _lr_lambda(steps: list[int], warmup_iters: int, warmup_factor: float):
     def f(it: int) -> float:
         factor = 0.1 ** sum(it >= s for s in steps)
         if it < warmup_iters:  # linear warm-up, as mmdetection and torchvision references
@@ -174,7 +174,7 @@ def train(opts: TrainOptions) -> dict:
     params = [p for p in train_modules.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(schedule_iters, steps, min(opts.warmup_iters, schedule_iters // 3 + 1), opts.warmup_factor))
+        optimizer, _lr_lambda(steps, min(opts.warmup_iters, schedule_iters // 3 + 1), opts.warmup_factor))
     use_amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -202,13 +202,16 @@ def train(opts: TrainOptions) -> dict:
     if du.is_main_process():
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
+    def weights(it: int) -> dict:
+        """What `load_trained`/`eval` need; last.pt adds the training state to it."""
+        return dict(model=spec_dict(spec), num_classes=data.num_classes, class_names=data.class_names,
+                    preprocessing=pre.to_dict(), iteration=it, model_state=model.state_dict(), version=__version__)
+
     def save(path: Path, it: int) -> None:
         if du.is_main_process():
-            save_checkpoint(path, model=spec_dict(spec), num_classes=data.num_classes, class_names=data.class_names,
-                            preprocessing=pre.to_dict(), iteration=it, total_iters=total_iters,
-                            model_state=model.state_dict(), train_state=train_modules.state_dict(),
+            save_checkpoint(path, **weights(it), total_iters=total_iters, train_state=train_modules.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()}, version=__version__)
+                            scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()})
 
     metrics_file = open(out / "metrics.jsonl", "a") if du.is_main_process() else None
     bar = progress(total_iters * global_batch, "train", initial=iteration * global_batch, enabled=opts.progress)
@@ -276,9 +279,7 @@ def train(opts: TrainOptions) -> dict:
                "train_seconds": round(time.time() - start, 1)}
     if iteration >= total_iters:
         if du.is_main_process():
-            save_checkpoint(out / "final.pt", model=spec_dict(spec), num_classes=data.num_classes,
-                            class_names=data.class_names, preprocessing=pre.to_dict(), iteration=iteration,
-                            model_state=model.state_dict(), version=__version__)
+            save_checkpoint(out / "final.pt", **weights(iteration))
         summary["final"] = str(out / "final.pt")
         log(f"finished {iteration} iterations in {summary['train_seconds']}s -> {out / 'final.pt'}")
     else:
