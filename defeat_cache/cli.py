@@ -25,6 +25,19 @@ def _user_errors(fn):
     return wrapper
 
 
+def _storage_option(fn):
+    """`--storage-option KEY=VALUE` (repeatable): fsspec options for a cache given as a URL."""
+    return click.option(
+        "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+        help="fsspec option for a URL cache (s3://...), e.g. endpoint_url=http://127.0.0.1:9000; repeatable. "
+             "Credentials come from the usual environment (AWS_ACCESS_KEY_ID, ...).")(fn)
+
+
+def _storage_options(pairs) -> dict | None:
+    from .cache.store import parse_storage_options
+    return parse_storage_options(pairs) or None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="defeat-cache")
 def main():
@@ -83,7 +96,8 @@ def _train_options(**kw):
 @click.option("--student", required=True, help="Model name from `defeat-cache models` or a model TOML.")
 @click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False), help="Dataset TOML.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--cache", default=None, help="Teacher cache to distil from (streamed; no teacher in memory).")
+@click.option("--cache", default=None, help="Teacher cache to distil from (streamed; no teacher in memory): "
+              "a folder or a URL (s3://bucket/cache.zarr).")
 @click.option("--teacher", default=None, help="Online distillation: teacher model name (with --teacher-checkpoint).")
 @click.option("--teacher-checkpoint", default=None, type=click.Path(dir_okay=False))
 @click.option("--distill", "preset", default=None, help="Distillation preset (configs/distill/NAME.toml or a path); "
@@ -105,10 +119,11 @@ def _train_options(**kw):
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm under torchrun.")
 @click.option("--no-amp", is_flag=True, help="Disable automatic mixed precision on CUDA.")
 @click.option("--log-every", type=int, default=20, show_default=True)
+@_storage_option
 @_user_errors
 def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, preset, overrides, epochs, schedule,
               max_iters, batch_size, lr, warmup_iters, seed, device, workers, resume, init_weights, sync_bn, no_amp,
-              log_every):
+              log_every, storage_option):
     """Train a detector: plain, or distilled with DeFeat from a cache (--cache) or an online teacher (--teacher)."""
     from .engine.train import train
     distill = None
@@ -127,7 +142,7 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
                           max_iters=max_iters, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters, seed=seed,
                           device=device, workers=workers, resume=resume, init_weights=init_weights, sync_bn=sync_bn,
                           amp=not no_amp, log_every=log_every, distill=distill, cache=cache, teacher=teacher,
-                          teacher_checkpoint=teacher_checkpoint)
+                          teacher_checkpoint=teacher_checkpoint, storage_options=_storage_options(storage_option))
     summary = train(opts)
     from .distributed import is_main_process
     if is_main_process():
@@ -151,16 +166,18 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--items-per-shard", type=int, default=None, help="Default: ~128 MB of features per shard.")
 @click.option("--amp", is_flag=True, help="Run the teacher in mixed precision on CUDA (faster, less exact).")
+@_storage_option
 @_user_errors
 def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, proposals, backbone, batch_size, workers,
-                device, items_per_shard, amp):
+                device, items_per_shard, amp, storage_option):
     """Run the teacher once and write its features, proposals and RoI logits to a cache (resumable)."""
     from .cache.extract import ExtractOptions, extract
     from .distributed import is_main_process
     summary = extract(ExtractOptions(teacher=teacher, checkpoint=checkpoint, data=data_toml, out=out, split=split,
                                      views=views, codec=codec, proposals=proposals, backbone=backbone,
                                      batch_size=batch_size, workers=workers, device=device,
-                                     items_per_shard=items_per_shard, amp=amp))
+                                     items_per_shard=items_per_shard, amp=amp,
+                                     storage_options=_storage_options(storage_option)))
     if is_main_process():  # under torchrun: one summary, not one per rank
         click.echo(json.dumps(summary))
 
@@ -168,11 +185,12 @@ def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, propos
 @main.command("inspect")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@_storage_option
 @_user_errors
-def inspect_cmd(cache, as_json):
+def inspect_cmd(cache, as_json, storage_option):
     """Show a cache's manifest, completeness, sizes per array and per image, and level shapes."""
     from .cache.store import TeacherCache
-    info = TeacherCache(cache, allow_incomplete=True).inspect()
+    info = TeacherCache(cache, storage_options=_storage_options(storage_option), allow_incomplete=True).inspect()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -193,12 +211,13 @@ def inspect_cmd(cache, as_json):
 
 @main.command("verify")
 @click.argument("cache")
+@_storage_option
 @_user_errors
-def verify_cmd(cache):
+def verify_cmd(cache, storage_option):
     """Read every chunk: checksums, finiteness, completeness. Exit code 0 only if the cache is clean."""
     from .cache.store import TeacherCache
     from .progress import progress
-    c = TeacherCache(cache, allow_incomplete=True)
+    c = TeacherCache(cache, storage_options=_storage_options(storage_option), allow_incomplete=True)
     bar = progress(0, "verify", unit="shard")
 
     def step(done, total):

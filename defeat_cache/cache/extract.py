@@ -51,6 +51,7 @@ class ExtractOptions:
     amp: bool = False  # fp32 teacher by default: the cache is the reference the students learn from
     items_per_shard: int | None = None
     progress: bool = True
+    storage_options: dict | None = None  # fsspec options for a URL `out` (s3://...); never stored
 
 
 def feature_level_names(spec: ModelSpec) -> list[str]:
@@ -196,10 +197,12 @@ def extract(opts: ExtractOptions) -> dict:
     prov = provenance(spec, file_sha256(opts.checkpoint), data, pre, views, opts)
 
     # Rank 0 creates (or checks) the store; the others open it after it exists.
-    writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True) if du.is_main_process() else None
+    so = opts.storage_options
+    writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True, storage_options=so) \
+        if du.is_main_process() else None
     du.barrier()
     if writer is None:
-        writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=False)
+        writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=False, storage_options=so)
     if writer.complete:
         log(f"{opts.out}: cache is already complete ({layout.num_items} items); nothing to do")
         return {"out": opts.out, "complete": True, "written_shards": 0, "items": layout.num_items}

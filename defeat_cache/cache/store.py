@@ -70,6 +70,8 @@ __all__ = [
     "meta_columns",
     "measure_codec",
     "configure_zarr_threads",
+    "is_url",
+    "parse_storage_options",
 ]
 
 SCHEMA_VERSION = 1
@@ -261,9 +263,53 @@ def configure_zarr_threads(max_workers: int | None = None) -> None:
     zarr.config.set({"threading.max_workers": int(max_workers)})
 
 
+def is_url(path) -> bool:
+    """True for fsspec URLs (s3://, gs://, memory://...); local folders are plain paths."""
+    return "://" in str(path)
+
+
+def parse_storage_options(pairs: Sequence[str]) -> dict:
+    """``["endpoint_url=http://host:9000", "client_kwargs.region_name=eu-west-1", "anon=true"]``
+    -> fsspec storage options: values are read as JSON where they parse (numbers, booleans),
+    else kept as strings; dots in a key make nested dicts."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CacheError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.strip().split(".")
+        node = options
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CacheError(f"--storage-option {pair!r}: {part!r} is already set to a value")
+        node[leaf] = value
+    return options
+
+
 def _open_group(path, mode: str, storage_options: dict | None):
     kw = {"storage_options": storage_options} if storage_options else {}
-    return zarr.open_group(str(path) if isinstance(path, Path) else path, mode=mode, zarr_format=3, **kw)
+    if storage_options and not is_url(path):
+        raise CacheError(f"{path}: storage options apply to URLs (s3://...), not to local paths")
+    try:
+        return zarr.open_group(str(path) if isinstance(path, Path) else path, mode=mode, zarr_format=3, **kw)
+    except (FileNotFoundError, CacheError):
+        raise
+    except ImportError as e:  # fsspec names the package a protocol needs (s3fs, gcsfs, ...)
+        raise CacheError(f"{path}: {e}; install it in this environment "
+                         "(for s3:// URLs: pip install 'defeat-cache[s3]')") from None
+    except Exception as e:
+        if not is_url(path):
+            raise
+        # Object-store client errors (unreachable endpoint, missing credentials, denied access)
+        # come from whichever fsspec backend; they are the user's setup, not a bug of ours.
+        raise CacheError(f"{path}: cannot open ({type(e).__name__}: {e}); check the URL, the credentials "
+                         "(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the endpoint "
+                         "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...)") from None
 
 
 async def _gather_get(reqs):
@@ -434,7 +480,7 @@ class CacheWriter:
         if group is None:
             if not create:
                 raise NotACacheError(f"no cache at {path} (the creating rank must create it first)")
-            if isinstance(path, (str, Path)) and "://" not in str(path):
+            if isinstance(path, (str, Path)) and not is_url(path):
                 p = Path(path)
                 if p.exists() and (not p.is_dir() or any(x.name != "zarr.json" for x in p.iterdir())):
                     if not (p / "zarr.json").exists():

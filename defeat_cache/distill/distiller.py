@@ -62,9 +62,9 @@ class CachedViewDataset(ViewDataset):
 class CacheSource:
     """Teacher outputs read from a cache; refuses a cache that does not fit the run."""
 
-    def __init__(self, path: str, data: DetectionData, student: ModelSpec):
+    def __init__(self, path: str, data: DetectionData, student: ModelSpec, storage_options: dict | None = None):
         from ..cache.store import TeacherCache
-        self.cache = TeacherCache(path)
+        self.cache = TeacherCache(path, storage_options=storage_options)
         prov = self.cache.provenance()
         ds = prov.get("dataset", {})
         problems = []
@@ -297,7 +297,7 @@ def _level_anchors(student: nn.Module, out: DetectorOutput) -> tuple[list[Tensor
 def build_distiller(opts, student: ModelSpec, data: DetectionData, pre: Preprocessing, device) -> Distiller:
     preset = opts.distill
     if opts.cache:
-        source = CacheSource(opts.cache, data, student)
+        source = CacheSource(opts.cache, data, student, opts.storage_options)
     else:
         source = OnlineSource(opts.teacher, opts.teacher_checkpoint, data, student, preset,
                               ViewSet.parse(opts.views), device)

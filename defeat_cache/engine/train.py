@@ -59,6 +59,7 @@ class TrainOptions:
     progress: bool = True
     distill: dict | None = None  # resolved preset (distill.presets); None = plain training
     cache: str | None = None
+    storage_options: dict | None = None  # fsspec options for a URL cache (s3://...); kept out of config.json
     teacher: str | None = None
     teacher_checkpoint: str | None = None
 
@@ -178,7 +179,9 @@ def train(opts: TrainOptions) -> dict:
     use_amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    config = {"options": asdict(opts), "model": spec_dict(spec), "lr": lr, "total_iters": total_iters,
+    # storage options may hold credentials: config.json records only which were given
+    options = dict(asdict(opts), storage_options=sorted(opts.storage_options or {}))
+    config = {"options": options, "model": spec_dict(spec), "lr": lr, "total_iters": total_iters,
               "lr_steps": steps, "global_batch": global_batch, "num_classes": data.num_classes,
               "class_names": data.class_names, "preprocessing": pre.to_dict(), "version": __version__}
     iteration, start = 0, time.time()
