@@ -60,6 +60,22 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
 
 
+def batch_normaliser(count: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:
+    """A loss normaliser that counts over the batch (mask cells, RoIs), as one rank uses it.
+
+    DeFeat normalises by counts over the whole batch. Under DDP each rank sees part of it
+    and DDP averages the ranks' gradients, so a rank divides its own sum by the global
+    count / world size: the averaged gradient is then that of sum / global count, which is
+    what one process computes on the global batch. Alone: max(count, minimum). Detached.
+    """
+    c = count.detach().float()
+    if not is_dist():
+        return c.clamp(min=minimum)
+    c = c.clone()
+    dist.all_reduce(c)
+    return c.clamp(min=minimum) / world_size()
+
+
 def broadcast_object(obj):
     if not is_dist():
         return obj

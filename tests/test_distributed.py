@@ -113,3 +113,75 @@ def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student
     config = json.loads((out / "config.json").read_text())
     assert config["global_batch"] == 4  # 2 ranks x 2 images
     assert (out / "final.pt").is_file()
+
+
+def _frozen_bn_student(write_model_toml, folder: Path) -> Path:
+    # Batch statistics are per rank under DDP (SyncBatchNorm needs CUDA), so the equality is
+    # checked on a student without them: frozen BN, as the paper's ImageNet-initialised students.
+    return write_model_toml(folder / "frozen_student.toml", backbone={"width_divisor": 8, "fpn_channels": 16,
+                                                                        "norm": "frozen_bn"},
+                            roi={"representation_size": 32})
+
+
+def _weight_deltas(run: Path, init: dict) -> dict:
+    import torch
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["train_state"]
+    return {k: (v.double() - init[k].double()) for k, v in state.items() if v.dtype.is_floating_point}
+
+
+def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_toml, tiny_model_toml,
+                                                       tiny_teacher_checkpoint):
+    """torchrun --nproc_per_node=2, 2 images per rank == one process with 4 images per step.
+
+    Same init, same global batches (the ViewSampler's strides), per-image sampling seeds and
+    DeFeat normalisers over the global batch: after 3 SGD steps every trained tensor (student
+    and adapters) moved by the same amount. Images share one size so both runs pad alike."""
+    import torch
+
+    from defeat_cache.data.shapes import generate_shapes
+    from defeat_cache.distill.presets import load_preset
+    from defeat_cache.engine.train import TrainOptions, train
+
+    data = generate_shapes(tmp_path / "shapes", num_train=8, num_val=2, seed=3, min_side=80, max_side=80,
+                           progress=False)
+    cache = tmp_path / "cache.zarr"
+    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint), data=str(data),
+                           out=str(cache), codec="fp32", proposals=20, items_per_shard=4, batch_size=1, workers=0,
+                           progress=False))
+    student = _frozen_bn_student(write_model_toml, tmp_path)
+    common = dict(student=str(student), data=str(data), cache=str(cache), max_iters=3, warmup_iters=0,
+                  workers=0, log_every=1, progress=False)
+
+    train(TrainOptions(out=str(tmp_path / "single"), batch_size=4, distill=load_preset("defeat"), **common))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "defeat_cache", "train", "--student", str(student), "--data", str(data), "--out",
+                        str(tmp_path / "ddp"), "--cache", str(cache), "--distill", "defeat", "--max-iters", "3",
+                        "--warmup-iters", "0", "--batch-size", "2", "--workers", "0", "--log-every", "1"],
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # the initial weights: what train() builds for seed 0 before its first step
+    from defeat_cache.data.dataset import load_dataset
+    from defeat_cache.distill.distiller import build_distiller
+    from defeat_cache.engine.train import TrainStep, _set_seed
+    from defeat_cache.models.zoo import build_detector, load_model_spec
+    spec, ds = load_model_spec(str(student)), load_dataset(str(data), "train")
+    _set_seed(0)
+    model = build_detector(spec, ds.num_classes)
+    opts = TrainOptions(out=str(tmp_path / "unused"), batch_size=4, distill=load_preset("defeat"), **common)
+    init = TrainStep(model, build_distiller(opts, spec, ds, spec.preprocessing, torch.device("cpu"))).state_dict()
+
+    single, ddp = _weight_deltas(tmp_path / "single", init), _weight_deltas(tmp_path / "ddp", init)
+    assert single.keys() == ddp.keys() and any(k.startswith("distiller.neck_adapters") for k in single)
+    moved, worst = 0, 0.0
+    for name, d1 in single.items():
+        scale = d1.abs().max().item()
+        if scale == 0:  # frozen (stem, BN buffers)
+            assert ddp[name].abs().max().item() == 0, name
+            continue
+        moved += 1
+        err = (ddp[name] - d1).abs().max().item()
+        worst = max(worst, err / scale)
+        assert err <= 1e-4 * scale, f"{name}: DDP update differs by {err:.3g} (update scale {scale:.3g})"
+    assert moved > 20
+    print(f"DDP vs single process: worst relative update difference {worst:.2e} over {moved} tensors")

@@ -289,6 +289,7 @@ def test_cli_train_then_eval(tmp_path, tiny_shapes):
     ["train", "--student", "no_such_model", "--data", "{shapes}", "--out", "{tmp}/run"],
     ["eval", "--checkpoint", "{tmp}/missing.pt", "--data", "{shapes}"],
     ["data", "info", "{tmp}/missing.toml"],
+    ["train", "--student", "r18q_fpn_cpu", "--data", "{shapes}", "--out", "{tmp}/run", "--sync-bn"],
 ])
 def test_cli_user_errors_are_one_line(tmp_path, tiny_shapes, args):
     r = _invoke([a.format(tmp=tmp_path, shapes=tiny_shapes) for a in args])
@@ -299,6 +300,8 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_shapes, args):
     assert len(err) >= 1 and err[-1].startswith("Error: ")
     error_lines = [line for line in err if line.startswith("Error")]
     assert len(error_lines) == 1
+    if "--sync-bn" in args:
+        assert "needs CUDA" in error_lines[0]
 
 
 def test_cli_train_usage_errors(tmp_path, tiny_shapes):

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.ops import box_iou
 
 from ..data.dataset import ViewDataset
 from ..data.records import DataError, DetectionData
 from ..models.checkpoint import load_weights
 from ..models.forward import DetectorOutput, is_retinanet, roi_class_logits
+from ..models.sampling import ItemSeededSampler, image_generator, seeded_sampling
 from ..models.teacher import teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..progress import log
@@ -174,7 +174,7 @@ class Distiller(nn.Module):
             self.bb_teacher_index = [list(source.teacher_backbone_channels).index(s) for s in bb["stages"]]
         if self.cls_on:
             rpi = int(cls["rois_per_image"]) or int(student.config.get("roi", {}).get("batch_size_per_image", 512))
-            self.kd_sampler = BalancedPositiveNegativeSampler(rpi, float(cls["positive_fraction"]))
+            self.kd_sampler = ItemSeededSampler(rpi, float(cls["positive_fraction"]), "kd_rois")
         self.num_classes = num_classes
 
     @property
@@ -189,23 +189,25 @@ class Distiller(nn.Module):
         return self.source.dataset(data, pre)
 
     def forward(self, student: nn.Module, out: DetectorOutput, batch: list[dict], images: list[Tensor],
-                targets: list[dict]) -> dict:
-        """images: the unpadded student inputs on the device; targets: their GT in view coordinates."""
+                targets: list[dict], seeds: list[int] | None = None) -> dict:
+        """images: the unpadded student inputs on the device; targets: their GT in view coordinates;
+        seeds: one per image for the random parts (RoI sampling, random masks), see models/sampling.py."""
         device = out.images.tensors.device
         teacher = self.source.outputs(batch, images)
         boxes = [t["boxes"] for t in targets]
         losses = {}
         if self.neck_on:
-            losses.update(self.neck_losses(student, out, teacher, boxes, device))
+            losses.update(self.neck_losses(student, out, teacher, boxes, device, seeds))
         if self.bb_on:
             losses.update(self.backbone_losses(out, teacher, boxes, device))
         if self.cls_on:
-            losses.update(self.cls_losses(student, out, teacher, boxes, device))
+            with seeded_sampling([self.kd_sampler], seeds):
+                losses.update(self.cls_losses(student, out, teacher, boxes, device, seeds))
         return losses
 
     # -- neck (sections 1-2)
     def neck_losses(self, student: nn.Module, out: DetectorOutput, teacher: list, boxes: list[Tensor],
-                    device) -> dict:
+                    device, seeds: list[int] | None = None) -> dict:
         s_levels = self.neck_adapters(list(out.fpn.values()))
         t_levels, valids = _pad_teacher([[t.features[li] for t in teacher] for li in range(len(s_levels))],
                                         s_levels, device)
@@ -214,8 +216,11 @@ class Distiller(nn.Module):
         anchors = num_a = None
         if kind == "fgfi":
             anchors, num_a = _level_anchors(student, out)
+        generators = None
+        if kind == "random" and seeds is not None:
+            generators = [image_generator(sd, "random_mask", device) for sd in seeds]
         masks = build_level_masks(kind, boxes, sizes, self.strides, anchors_per_level=anchors,
-                                  num_anchors_per_cell=num_a, finest_scale=self.finest_scale)
+                                  num_anchors_per_cell=num_a, finest_scale=self.finest_scale, generators=generators)
         terms = neck_distill_loss(s_levels, t_levels, masks, valids, self.preset["neck"]["alpha_obj"],
                                   self.preset["neck"]["alpha_bg"])
         if kind == "all":  # one term over all cells (paper Eq. 1)
@@ -236,7 +241,8 @@ class Distiller(nn.Module):
         return {"loss_backbone": terms["loss_neck_obj"] + terms["loss_neck_bg"]}
 
     # -- RoI classifier (section 4)
-    def cls_losses(self, student: nn.Module, out: DetectorOutput, teacher: list, boxes: list[Tensor], device) -> dict:
+    def cls_losses(self, student: nn.Module, out: DetectorOutput, teacher: list, boxes: list[Tensor], device,
+                   seeds: list[int] | None = None) -> dict:
         cfg = self.preset["cls"]
         rois, t_logits, positive = [], [], []
         for t, gt in zip(teacher, boxes):
@@ -253,16 +259,24 @@ class Distiller(nn.Module):
         # RoI's own IoU with the GT (METHOD.md sec 4 fix), never from the student's sampling.
         pos_masks, neg_masks = self.kd_sampler([p.long() for p in positive])
         keep = [(pm | nm).bool() for pm, nm in zip(pos_masks, neg_masks)]
+        if cfg["mode"] == "sub_negative":  # per image: its positives and as many of its negatives
+            keep = [k & _scatter_keep(k, subsample_negatives(p[k], image_generator(sd, "sub_negative", device)
+                                                             if seeds is not None else None))
+                    for k, p, sd in zip(keep, positive, seeds or [None] * len(keep))]
         rois = [r[k] for r, k in zip(rois, keep)]
         t_all = torch.cat([lg[k] for lg, k in zip(t_logits, keep)])
         pos_all = torch.cat([p[k] for p, k in zip(positive, keep)])
         s_all = roi_class_logits(student, out.fpn, rois, out.images.image_sizes).float()
         if cfg["mode"] == "all":
             return {"loss_cls_kd": all_cls_kd_loss(s_all, t_all, float(cfg["t"]), float(cfg["lam"]))}
-        if cfg["mode"] == "sub_negative":
-            sel = subsample_negatives(pos_all)
-            s_all, t_all, pos_all = s_all[sel], t_all[sel], pos_all[sel]
         return cls_kd_terms(s_all, t_all, pos_all, cfg["beta_obj"], cfg["beta_bg"], cfg["t_obj"], cfg["t_bg"])
+
+
+def _scatter_keep(keep: Tensor, sub: Tensor) -> Tensor:
+    """A keep-mask `sub` over the kept entries of `keep` -> a mask over all entries."""
+    full = torch.zeros_like(keep)
+    full[keep] = sub
+    return full
 
 
 def _pad_teacher(per_level: list[list[Tensor]], like: list[Tensor], device) -> tuple[list[Tensor], list[Tensor]]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import batch_normaliser
+
 __all__ = [
     "FeatureAdapters",
     "feature_loss_terms",
@@ -102,6 +104,7 @@ def feature_loss_terms(
 
     L_obj = sum(M * E) / max(1, 2 * C * sum_bhw M),
     L_bg  = sum((1 - M) * E) / max(1, 2 * C * sum_bhw (1 - M)),  E = (S - T)^2.
+    Under DDP the batch is the global batch (`distributed.batch_normaliser`).
     """
     if student.dim() != 4:
         raise ValueError(f"student must be [B, C, H, W], got {tuple(student.shape)}")
@@ -122,8 +125,8 @@ def feature_loss_terms(
     e = (s - t).pow(2).sum(dim=1)
     n_obj = (2.0 * C) * obj_w.sum()
     n_bg = (2.0 * C) * bg_w.sum()
-    l_obj = (obj_w * e).sum() / n_obj.clamp(min=1.0)
-    l_bg = (bg_w * e).sum() / n_bg.clamp(min=1.0)
+    l_obj = (obj_w * e).sum() / batch_normaliser(n_obj)
+    l_bg = (bg_w * e).sum() / batch_normaliser(n_bg)
     return l_obj, l_bg
 
 
@@ -194,7 +197,7 @@ def _masked_mean_kl(zs: Tensor, zt: Tensor, sel: Tensor, T: float) -> Tensor:
     # Indexing with an all-False mask gives an empty tensor still attached to the graph,
     # so the result is an exact, connected 0 when nothing is selected.
     kl = kl_div_with_temperature(zs[sel], zt[sel], T)
-    return kl.sum() / sel.sum().clamp(min=1).to(kl.dtype)
+    return kl.sum() / batch_normaliser(sel.sum())
 
 
 def cls_kd_terms(
@@ -236,7 +239,7 @@ def decoupled_kl_loss(
 def all_cls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float, lam: float) -> Tensor:
     """Paper Eq. 2: lam * mean over all RoIs of KL_T (exact, connected 0 when K = 0)."""
     kl = kl_div_with_temperature(student_logits, teacher_logits, T)
-    return lam * (kl.sum() / max(kl.numel(), 1))
+    return lam * (kl.sum() / batch_normaliser(torch.tensor(kl.numel(), device=kl.device)))
 
 
 def subsample_negatives(positive: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

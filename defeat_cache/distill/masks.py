@@ -225,6 +225,7 @@ def build_level_masks(
     generator: Optional[torch.Generator] = None,
     psi: float = 0.5,
     finest_scale: float = FINEST_SCALE,
+    generators: Optional[Sequence[torch.Generator]] = None,
 ) -> list[Tensor]:
     """Masks [B, H_l, W_l] for every level l of a batch.
 
@@ -233,7 +234,8 @@ def build_level_masks(
     anchors_per_level / num_anchors_per_cell: only for "fgfi"; anchors_per_level[l] is the
     [H_l*W_l*A, 4] anchor tensor of level l (shared by all images of the padded batch);
     num_anchors_per_cell is an int or one int per level.
-    "random": per image and level, the same number of object cells as the GT-Mask, at random cells.
+    "random": per image and level, the same number of object cells as the GT-Mask, at random cells,
+    drawn from `generators[b]` for image b when given (else from `generator` / the global RNG).
     finest_scale: the box size assigned to the finest level (56 at the paper's 800-pixel inputs;
     smaller inputs scale it down so objects spread over the levels in the same proportion).
     """
@@ -260,7 +262,7 @@ def build_level_masks(
             out.append(torch.ones(B, H, W, dtype=torch.float32, device=device))
             continue
         per_img = []
-        for boxes in boxes_per_image:
+        for b, boxes in enumerate(boxes_per_image):
             if kind == "gt":
                 m = gt_mask(boxes, lvl, L, s, (H, W), finest_scale)
             elif kind == "gaussian":
@@ -269,7 +271,8 @@ def build_level_masks(
                 m = fgfi_mask(boxes, lvl, L, anchors_per_level[lvl], (H, W), num_a[lvl], psi=psi,
                               finest_scale=finest_scale)
             else:  # random
-                m = random_mask(gt_mask(boxes, lvl, L, s, (H, W), finest_scale), generator=generator)
+                g = generators[b] if generators is not None else generator
+                m = random_mask(gt_mask(boxes, lvl, L, s, (H, W), finest_scale), generator=g)
             per_img.append(m.to(device))
         if per_img:
             out.append(torch.stack(per_img))

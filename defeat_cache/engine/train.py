@@ -26,6 +26,7 @@ from ..data.dataset import ViewDataset, ViewSampler, collate, load_dataset
 from ..data.records import DataError
 from ..models.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from ..models.forward import detector_forward
+from ..models.sampling import item_seed, samplers_of, seeded_sampling
 from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet
@@ -116,6 +117,8 @@ class TrainStep(nn.Module):
     """Everything trained, as one module (so DistributedDataParallel wraps a single forward).
 
     Returns the named loss terms: the detector's own, plus the distiller's KD terms.
+    `seeds` (one per image, `models.sampling.item_seed`) make every random draw per image,
+    so the step does not depend on how the global batch is split over ranks.
     """
 
     def __init__(self, student: nn.Module, distiller: nn.Module | None = None):
@@ -123,11 +126,13 @@ class TrainStep(nn.Module):
         self.student = student
         self.distiller = distiller
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict], batch: list[dict]) -> dict:
-        out = detector_forward(self.student, images, targets)
+    def forward(self, images: list[torch.Tensor], targets: list[dict], batch: list[dict],
+                seeds: list[int] | None = None) -> dict:
+        with seeded_sampling(samplers_of(self.student), seeds):
+            out = detector_forward(self.student, images, targets)
         losses = dict(out.losses)
         if self.distiller is not None:
-            losses.update(self.distiller(self.student, out, batch, images, targets))
+            losses.update(self.distiller(self.student, out, batch, images, targets, seeds))
         return losses
 
 
@@ -153,6 +158,9 @@ def train(opts: TrainOptions) -> dict:
     views = distiller.views if distiller is not None else ViewSet.parse(opts.views)
 
     model.to(device)
+    if opts.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm has no CPU implementation
+        raise DataError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                        "drop --sync-bn, or use a model with norm = \"frozen_bn\"")
     if opts.sync_bn and du.is_dist():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_modules = TrainStep(model, distiller.to(device) if distiller is not None else None)
@@ -235,8 +243,9 @@ def train(opts: TrainOptions) -> dict:
                                 generator=torch.Generator().manual_seed(opts.seed * 1_000_003 + epoch))
             for batch in loader:
                 images, targets = _to_device(batch, device)
+                seeds = [item_seed(opts.seed, epoch, s["image_index"], s["view_index"]) for s in batch]
                 with torch.autocast(device.type, enabled=use_amp):
-                    losses = step_fn(images, targets, batch)
+                    losses = step_fn(images, targets, batch, seeds)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(

@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..data.dataset import read_toml
 from ..data.records import DataError
 from ..views import Preprocessing
+from .sampling import install_item_seeded_samplers
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 MODEL_DIR = CONFIG_DIR / "models"
@@ -170,6 +171,7 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
         head = RetinaNetHead(spec.fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
         model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **head_cfg)
     model.transform = ViewTransform(spec.preprocessing.size_divisible)
+    install_item_seeded_samplers(model)  # per-image draws when training sets seeds (models/sampling.py)
     return model
 
 
