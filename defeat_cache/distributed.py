@@ -60,6 +60,19 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
 
 
+def job_totals(sums: dict[str, float], maxima: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Counts summed and durations maxed over ranks: what one summary line of a job reports."""
+    out = {**sums, **maxima}
+    if not is_dist():
+        return out
+    for values, op in ((sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)):
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        out.update(zip(keys, t.tolist()))
+    return out
+
+
 def batch_normaliser(count: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:
     """A loss normaliser that counts over the batch (mask cells, RoIs), as one rank uses it.
 

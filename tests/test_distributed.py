@@ -74,6 +74,10 @@ def test_two_rank_extraction_equals_one_process(tmp_path, reference_cache, tiny_
     r = _torchrun(tmp_path, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_cache(reference_cache, str(out))
+    import json
+    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # the job's totals, printed once: 12 images x 2 views in 12 shards
+    assert summaries[0]["items"] == 24 and summaries[0]["written_shards"] == 12 and summaries[0]["ranks"] == 2
 
 
 def test_killed_two_rank_run_resumes_with_one_process(tmp_path, reference_cache, tiny_model_toml,

@@ -256,11 +256,16 @@ def extract(opts: ExtractOptions) -> dict:
         write_thread.close()
     du.barrier()
     complete = writer.mark_complete() if du.is_main_process() else False
-    seconds = time.time() - start
-    summary = {"out": opts.out, "complete": complete, "written_shards": written[0], "items": len(order),
-               "seconds": round(seconds, 1), "items_per_s": round(len(order) / max(seconds, 1e-9), 2)}
+    # under torchrun the one summary line is the job's: all ranks' items over the slowest rank's time
+    job = du.job_totals({"items": len(order), "shards": written[0]}, {"seconds": time.time() - start},
+                        device if device.type == "cuda" else torch.device("cpu"))
+    items, shards, seconds = int(job["items"]), int(job["shards"]), job["seconds"]
+    summary = {"out": opts.out, "complete": complete, "written_shards": shards, "items": items,
+               "seconds": round(seconds, 1), "items_per_s": round(items / max(seconds, 1e-9), 2),
+               "ranks": du.world_size()}
     if du.is_main_process():
-        log(f"wrote {written[0]} shards ({len(order)} items) in {seconds:.1f}s"
+        log(f"wrote {shards} shards ({items} items) in {seconds:.1f}s"
+            + (f" on {du.world_size()} ranks" if du.world_size() > 1 else "")
             + ("; cache complete" if complete else "; other shards remain (run again to finish)"))
     return summary
 
