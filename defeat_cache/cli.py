@@ -245,7 +245,7 @@ def verify_cmd(cache, storage_option):
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
 @_user_errors
 def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, json_out):
-    """COCO bbox AP/AP50/AP75/APS/APM/APL (and VOC07 mAP for VOC) of a trained checkpoint."""
+    """COCO bbox AP/AP50/AP75/APS/APM/APL (and VOC07 mAP for VOC) of a trained checkpoint (torchrun: split over ranks)."""
     from .data.dataset import load_dataset
     from .engine.evaluate import evaluate
     from .engine.train import load_trained
@@ -257,6 +257,8 @@ def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, j
         raise click.ClickException(f"{checkpoint}: model has {ck['num_classes']} classes, {data_toml} has "
                                    f"{data.num_classes} (incl. background); evaluate on the dataset it was trained on")
     metrics = evaluate(net, data, pre, dev, batch_size, workers)
+    if metrics is None:  # a torchrun rank other than 0: its detections went to rank 0
+        return
     text = json.dumps(metrics, indent=None)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,15 @@ def batch_normaliser(count: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:
     return c.clamp(min=minimum) / world_size()
 
 
+def gather_to_main(items: list) -> list | None:
+    """Rank 0: every rank's list concatenated (rank order); other ranks: None. Alone: `items`."""
+    if not is_dist():
+        return items
+    box = [None] * world_size() if is_main_process() else None
+    dist.gather_object(items, box, dst=0)
+    return [x for part in box for x in part] if is_main_process() else None
+
+
 def broadcast_object(obj):
     if not is_dist():
         return obj

@@ -189,3 +189,56 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
         assert err <= 1e-4 * scale, f"{name}: DDP update differs by {err:.3g} (update scale {scale:.3g})"
     assert moved > 20
     print(f"DDP vs single process: worst relative update difference {worst:.2e} over {moved} tensors")
+
+
+EVAL_LAUNCHER = textwrap.dedent("""
+    import sys, torch
+    from defeat_cache import distributed as du
+    from defeat_cache.data.dataset import load_dataset
+    from defeat_cache.engine.evaluate import predict
+    from defeat_cache.engine.train import load_trained
+    ckpt, data, dump = sys.argv[1:4]
+    device = du.init_from_env("cpu")
+    model, pre, _ = load_trained(ckpt)
+    gathered = du.gather_to_main(predict(model, load_dataset(data, "val"), pre, device, 1, 0, False))
+    if du.is_main_process():
+        torch.save(gathered, dump)
+    from defeat_cache.cli import main
+    main(["eval", "--checkpoint", ckpt, "--data", data, "--batch-size", "1", "--workers", "0",
+          "--json", dump + ".json"], prog_name="defeat-cache")
+""")
+
+
+def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoint, tiny_shapes):
+    """Each rank predicts its stride of the images; rank 0 gathers, scores and prints once."""
+    import json
+
+    import torch
+
+    from defeat_cache.data.dataset import load_dataset
+    from defeat_cache.engine.evaluate import evaluate, predict
+    from defeat_cache.engine.train import load_trained
+
+    script, dump = tmp_path / "eval.py", tmp_path / "gathered.pt"
+    script.write_text(EVAL_LAUNCHER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tiny_trained_checkpoint), str(tiny_shapes), str(dump)],
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # rank 0 alone prints the metrics
+
+    model, pre, _ = load_trained(tiny_trained_checkpoint)
+    val = load_dataset(tiny_shapes, "val")
+    alone = predict(model, val, pre, torch.device("cpu"), 1, 0, False)
+    gathered = sorted(torch.load(dump, weights_only=True), key=lambda p: p["image_index"])
+    assert [p["image_index"] for p in gathered] == list(range(len(val.records))) == [p["image_index"] for p in alone]
+    assert sum(len(p["boxes"]) for p in alone) > 0
+    for a, b in zip(alone, gathered):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    metrics = evaluate(model, val, pre, torch.device("cpu"), 1, 0, False)
+    written = json.loads(Path(str(dump) + ".json").read_text())
+    assert {k: v for k, v in written.items() if k != "eval_seconds"} == \
+        {k: v for k, v in metrics.items() if k != "eval_seconds"} == \
+        {k: v for k, v in printed[0].items() if k != "eval_seconds"}

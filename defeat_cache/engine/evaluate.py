@@ -1,4 +1,8 @@
-"""Run a detector over a split and score it (COCO bbox AP via pycocotools; VOC07 mAP for VOC)."""
+"""Run a detector over a split and score it (COCO bbox AP via pycocotools; VOC07 mAP for VOC).
+
+Under torchrun each rank predicts its own stride of the images; rank 0 gathers the
+detections and scores them (the other ranks get None).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import distributed as du
 from ..data.dataset import ViewDataset, collate
 from ..data.records import DetectionData
 from ..progress import progress
@@ -18,13 +23,15 @@ from .metrics import coco_bbox_metrics, voc07_map
 @torch.no_grad()
 def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
             batch_size: int = 8, workers: int = 2, show_progress: bool = True) -> list[dict]:
-    """Detections in original image coordinates: one dict per image (boxes, scores, labels)."""
+    """Detections in original image coordinates: one dict per image (boxes, scores, labels),
+    for this rank's images (every `world_size`-th, from its rank) when run under torchrun."""
     model.eval().to(device)
     dataset = ViewDataset(data, pre, ViewSet(("orig",)))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+    mine = list(range(du.rank(), len(dataset), du.world_size()))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=mine, collate_fn=collate,
                         num_workers=workers, persistent_workers=False)
     results = []
-    bar = progress(len(dataset), "eval")
+    bar = progress(len(dataset), "eval", enabled=show_progress)
     use_amp = device.type == "cuda"
     for batch in loader:
         images = [s["image"].to(device, non_blocking=True) for s in batch]
@@ -37,7 +44,7 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             results.append({"image_index": s["image_index"], "boxes": boxes,
                             "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
-        bar.update(len(batch))
+        bar.update(len(batch) * du.world_size())
     bar.close()
     return results
 
@@ -61,9 +68,14 @@ def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
-             batch_size: int = 8, workers: int = 2) -> dict[str, float]:
+             batch_size: int = 8, workers: int = 2, show_progress: bool = True) -> dict[str, float] | None:
+    """The split's metrics; under torchrun on rank 0 only (None on the other ranks)."""
     start = time.time()
-    metrics = score(data, predict(model, data, pre, device, batch_size, workers))
+    predictions = du.gather_to_main(predict(model, data, pre, device, batch_size, workers, show_progress))
+    if predictions is None:
+        return None
+    predictions.sort(key=lambda p: p["image_index"])
+    metrics = score(data, predictions)
     metrics["eval_seconds"] = round(time.time() - start, 1)
     return metrics
 
