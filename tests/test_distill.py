@@ -455,3 +455,35 @@ def test_concurrent_readers_read_identical_items(tiny_cache, data, student_spec)
                 assert torch.equal(getattr(t1, name), getattr(ref, name))
             seen += 1
     assert seen == len(keys)
+
+
+def test_seeded_kd_sampling_is_per_image(monkeypatch, tiny_cache, student_spec, data):
+    """With per-image seeds (as train() passes them), an image's KD RoIs are the same whether it
+    comes second in a batch or alone (what makes DDP equal single-process training), and the
+    sub-negative variant keeps, per image, as many negatives as that image's positives."""
+    from torchvision.ops import box_iou
+
+    from defeat_cache.models.sampling import item_seed
+
+    step = _make_step(student_spec, data, _preset("cls_subneg", tiny_cache), cache=tiny_cache("fp32"))
+    ds = step.distiller.dataset(data, step.distiller.preprocessing)
+    seen, real = [], distiller_mod.roi_class_logits
+
+    def recording(student, fpn, rois, sizes):
+        seen.append([r.clone() for r in rois])
+        return real(student, fpn, rois, sizes)
+
+    monkeypatch.setattr(distiller_mod, "roi_class_logits", recording)
+    a, b = ds[(0, 0)], ds[(1, 1)]
+    seed_a, seed_b = item_seed(0, 0, 0, 0), item_seed(0, 0, 1, 1)
+
+    def run(samples, seeds):
+        targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
+        return step([s["image"] for s in samples], targets, samples, seeds)
+
+    run([b, a], [seed_b, seed_a])
+    run([a], [seed_a])
+    assert torch.equal(seen[0][1], seen[1][0])
+    for rois, s in zip(seen[0], [b, a]):
+        pos = box_iou(rois, s["boxes"]).max(dim=1).values >= 0.5
+        assert 0 < int(pos.sum()) == int((~pos).sum())

@@ -259,10 +259,9 @@ class Distiller(nn.Module):
         # RoI's own IoU with the GT (METHOD.md sec 4 fix), never from the student's sampling.
         pos_masks, neg_masks = self.kd_sampler([p.long() for p in positive])
         keep = [(pm | nm).bool() for pm, nm in zip(pos_masks, neg_masks)]
-        if cfg["mode"] == "sub_negative":  # per image: its positives and as many of its negatives
-            keep = [k & _scatter_keep(k, subsample_negatives(p[k], image_generator(sd, "sub_negative", device)
-                                                             if seeds is not None else None))
-                    for k, p, sd in zip(keep, positive, seeds or [None] * len(keep))]
+        if cfg["mode"] == "sub_negative":  # per image: its sampled positives and as many of its negatives
+            gens = [image_generator(sd, "sub_negative", device) for sd in seeds] if seeds else [None] * len(keep)
+            keep = [_scatter_keep(k, subsample_negatives(p[k], g)) for k, p, g in zip(keep, positive, gens)]
         rois = [r[k] for r, k in zip(rois, keep)]
         t_all = torch.cat([lg[k] for lg, k in zip(t_logits, keep)])
         pos_all = torch.cat([p[k] for p, k in zip(positive, keep)])
