@@ -127,3 +127,28 @@ def test_parse_storage_options():
     assert parse_storage_options([]) == {}
     with pytest.raises(CacheError, match="KEY=VALUE"):
         parse_storage_options(["endpoint_url"])
+
+
+def test_two_rank_extraction_to_s3(tmp_path, s3, s3_cache, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes):
+    """torchrun ranks writing their own shards of one s3:// cache (what a cluster's nodes do)
+    give the same arrays as one process; credentials reach the ranks through the environment."""
+    import subprocess
+    import sys
+    endpoint, options = s3
+    url = f"s3://{BUCKET}/two_ranks.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "defeat_cache",
+           "extract", "--teacher", str(tiny_model_toml), "--checkpoint", str(tiny_teacher_checkpoint),
+           "--data", str(tiny_shapes), "--out", url, "--codec", "fp32", "--proposals", "20",
+           "--items-per-shard", "5", "--batch-size", "1", "--workers", "0", "--storage-option", f"endpoint_url={endpoint}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert summary["complete"] and summary["items"] == 24 and summary["ranks"] == 2
+    reference = tmp_path / "one.zarr"
+    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
+                           data=str(tiny_shapes), out=str(reference), codec="fp32", proposals=20,
+                           items_per_shard=5, batch_size=1, workers=0, progress=False))
+    remote, local = zarr.open_group(url, mode="r", storage_options=options), zarr.open_group(str(reference), mode="r")
+    names = ["rois", "meta", "shard_done"] + [f"features/{n}" for n, _ in local["features"].arrays()]
+    for name in names:
+        np.testing.assert_allclose(remote[name][:], local[name][:], rtol=0, atol=1e-5, err_msg=name)

@@ -129,6 +129,14 @@ def test_resume_refuses_another_model(resumed_run, tiny_retina_toml, tiny_shapes
         train(_opts(tiny_retina_toml, tiny_shapes, resumed_run, max_iters=6, resume=True))
 
 
+def test_resume_refuses_another_global_batch(resumed_run, tiny_model_toml, tiny_shapes):
+    """Iterations count global batches (e.g. 8 GPUs x 2 resumed on 4 GPUs x 2 would shift the schedule)."""
+    batch = _opts(tiny_model_toml, tiny_shapes, resumed_run).batch_size
+    with pytest.raises(DataError, match=f"global batch of {batch} images.*1 x {batch + 1} = {batch + 1}"):
+        train(_opts(tiny_model_toml, tiny_shapes, resumed_run, max_iters=6, resume=True, batch_size=batch + 1))
+    assert read_checkpoint(resumed_run / "last.pt")["iteration"] == 4  # nothing was trained
+
+
 def test_resume_at_epoch_boundary_matches_straight_run(tmp_path, tiny_model_toml, tiny_shapes):
     """Batch 4: 3 iterations per epoch; stop after epoch 0, resume, compare with a straight run."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

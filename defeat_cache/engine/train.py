@@ -198,6 +198,12 @@ def train(opts: TrainOptions) -> dict:
         ck = read_checkpoint(last)
         if ck.get("model", {}).get("name") != spec.name:
             raise DataError(f"{last}: checkpoint is of model {ck.get('model', {}).get('name')!r}, not {spec.name!r}")
+        # Iterations, epochs and the lr schedule count global batches: another size would
+        # silently skip or repeat data and shift the lr steps.
+        if ck.get("global_batch", global_batch) != global_batch:
+            raise DataError(f"{last}: was trained with a global batch of {ck['global_batch']} images "
+                            f"(ranks x --batch-size), this run has {du.world_size()} x {opts.batch_size} = "
+                            f"{global_batch}; resume with the same global batch, or start a new --out")
         train_modules.load_state_dict(ck["train_state"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -220,7 +226,7 @@ def train(opts: TrainOptions) -> dict:
 
     def save(path: Path, it: int) -> None:
         if du.is_main_process():
-            save_checkpoint(path, **weights(it), total_iters=total_iters, train_state=train_modules.state_dict(),
+            save_checkpoint(path, **weights(it), total_iters=total_iters, global_batch=global_batch, train_state=train_modules.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), rng={"torch": torch.get_rng_state()})
 
