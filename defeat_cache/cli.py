@@ -18,10 +18,13 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         from .cache.store import CacheError
         from .data.records import DataError
+        from .distributed import cleanup
         try:
             return fn(*args, **kwargs)
         except (DataError, CacheError, FileNotFoundError, FloatingPointError) as e:
             raise click.ClickException(str(e)) from None
+        finally:
+            cleanup()  # under torchrun: leave the process group (NCCL warns otherwise)
     return wrapper
 
 
@@ -138,6 +141,8 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
         distill = load_preset(preset or "defeat", overrides)
     elif overrides:
         raise click.UsageError("--set overrides a distillation preset; add --cache or --teacher")
+    if storage_option and not cache:
+        raise click.UsageError("--storage-option applies to a --cache URL (s3://...)")
     opts = _train_options(student=student, data=data_toml, out=out, epochs=epochs, schedule=schedule,
                           max_iters=max_iters, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters, seed=seed,
                           device=device, workers=workers, resume=resume, init_weights=init_weights, sync_bn=sync_bn,

@@ -50,27 +50,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Averages logged scalars over ranks (one collective for the whole dict)."""
+def _all_reduce_dict(values: dict[str, float], op, device: torch.device) -> dict[str, float]:
+    """One collective for a whole dict of scalars (the same keys on every rank)."""
     if not is_dist() or not values:
-        return values
+        return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Averages logged scalars over ranks."""
+    return {k: v / world_size() for k, v in _all_reduce_dict(values, dist.ReduceOp.SUM, device).items()}
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any (e.g. a Ctrl-C that reached only some ranks yet)."""
+    if not is_dist():
+        return flag
+    return _all_reduce_dict({"flag": float(flag)}, dist.ReduceOp.MAX, device)["flag"] > 0
 
 
 def job_totals(sums: dict[str, float], maxima: dict[str, float], device: torch.device) -> dict[str, float]:
     """Counts summed and durations maxed over ranks: what one summary line of a job reports."""
-    out = {**sums, **maxima}
-    if not is_dist():
-        return out
-    for values, op in ((sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)):
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=op)
-        out.update(zip(keys, t.tolist()))
-    return out
+    return {**_all_reduce_dict(sums, dist.ReduceOp.SUM, device),
+            **_all_reduce_dict(maxima, dist.ReduceOp.MAX, device)}
 
 
 def batch_normaliser(count: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:

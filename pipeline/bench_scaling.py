@@ -72,8 +72,9 @@ def bench_extract(args, data: Path, ckpt: str, work: Path, nproc: int, threads: 
 def bench_train(args, data: Path, cache: str, work: Path, nproc: int, threads: int) -> dict:
     out = work / f"train_{nproc}x{threads}"
     shutil.rmtree(out, ignore_errors=True)
+    distill = [] if args.preset == "none" else ["--cache", cache, "--distill", args.preset]
     cmd = _launcher(nproc) + ["train", "--student", args.student, "--data", str(data), "--out", str(out),
-                              "--cache", cache, "--distill", args.preset, "--max-iters", str(args.max_iters),
+                              *distill, "--max-iters", str(args.max_iters),
                               "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                               "--log-every", "1", "--device", args.device]
     _, wall = _run(cmd, threads)
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     ap.add_argument("--teacher", default="r18_fpn_cpu")
     ap.add_argument("--teacher-checkpoint", default=None)
     ap.add_argument("--student", default="r18q_fpn_cpu")
-    ap.add_argument("--preset", default="defeat_cpu")
+    ap.add_argument("--preset", default="defeat_cpu", help="distillation preset; none = plain training")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=4, help="per rank, both stages")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")

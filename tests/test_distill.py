@@ -487,3 +487,23 @@ def test_seeded_kd_sampling_is_per_image(monkeypatch, tiny_cache, student_spec, 
     for rois, s in zip(seen[0], [b, a]):
         pos = box_iou(rois, s["boxes"]).max(dim=1).values >= 0.5
         assert 0 < int(pos.sum()) == int((~pos).sum())
+
+
+def test_unreadable_cache_chunk_is_one_clear_error(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+    """A damaged cache read inside DataLoader workers ends training with one `Error:` line naming
+    the cache and the item (not a worker traceback)."""
+    import random
+    import shutil
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_cache("fp32"), path)
+    rng = random.Random(0)
+    for f in (path / "features" / "p4").rglob("*"):
+        if f.is_file() and f.name != "zarr.json":
+            f.write_bytes(bytes(rng.randrange(256) for _ in range(f.stat().st_size)))
+    res = CliRunner().invoke(cli, ["train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes),
+                                   "--out", str(tmp_path / "run"), "--cache", str(path), "--max-iters", "2",
+                                   "--batch-size", "2", "--workers", "2"])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith(f"Error: cache {path}: reading item ") and "failed" in lines[-1]
+    assert "Traceback" not in res.output and sum(line.startswith("Error") for line in lines) == 1

@@ -1,7 +1,9 @@
-"""Extraction under torchrun (gloo on CPU): ranks split whole shards; resume with another world size."""
+"""torchrun on CPU (gloo): extraction (ranks split whole shards; resume with another world size),
+DDP training equal to single-process training, distributed evaluation."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,7 +76,6 @@ def test_two_rank_extraction_equals_one_process(tmp_path, reference_cache, tiny_
     r = _torchrun(tmp_path, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_cache(reference_cache, str(out))
-    import json
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # the job's totals, printed once: 12 images x 2 views in 12 shards
     assert summaries[0]["items"] == 24 and summaries[0]["written_shards"] == 12 and summaries[0]["ranks"] == 2
@@ -99,7 +100,6 @@ def test_killed_two_rank_run_resumes_with_one_process(tmp_path, reference_cache,
 def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
     """torchrun + gloo: DistributedDataParallel over (student, adapters), each rank reading its
     own part of the same cache; rank 0 alone logs (losses averaged over ranks) and checkpoints."""
-    import json
     cache = tiny_cache("fp16", False)
     out = tmp_path / "ddp"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -139,7 +139,9 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
 
     Same init, same global batches (the ViewSampler's strides), per-image sampling seeds and
     DeFeat normalisers over the global batch: after 3 SGD steps every trained tensor (student
-    and adapters) moved by the same amount. Images share one size so both runs pad alike."""
+    and adapters) moved by the same amount. Images share one size so both runs pad alike.
+    Also: a 1-process run stopped after 1 step and resumed on 2 ranks (same global batch; rank 0
+    hands the checkpoint to rank 1) ends where the straight run does."""
     import torch
 
     from defeat_cache.data.shapes import generate_shapes
@@ -153,16 +155,23 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
                            out=str(cache), codec="fp32", proposals=20, items_per_shard=4, batch_size=1, workers=0,
                            progress=False))
     student = _frozen_bn_student(write_model_toml, tmp_path)
-    common = dict(student=str(student), data=str(data), cache=str(cache), max_iters=3, warmup_iters=0,
-                  workers=0, log_every=1, progress=False)
+    common = dict(student=str(student), data=str(data), cache=str(cache), warmup_iters=0,
+                  workers=0, log_every=1, progress=False, distill=load_preset("defeat"))
 
-    train(TrainOptions(out=str(tmp_path / "single"), batch_size=4, distill=load_preset("defeat"), **common))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                        "defeat_cache", "train", "--student", str(student), "--data", str(data), "--out",
-                        str(tmp_path / "ddp"), "--cache", str(cache), "--distill", "defeat", "--max-iters", "3",
-                        "--warmup-iters", "0", "--batch-size", "2", "--workers", "0", "--log-every", "1"],
-                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    def two_ranks(out: Path, *extra: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "defeat_cache", "train", "--student", str(student), "--data", str(data), "--out",
+                            str(out), "--cache", str(cache), "--distill", "defeat", "--max-iters", "3",
+                            "--warmup-iters", "0", "--batch-size", "2", "--workers", "0", "--log-every", "1", *extra],
+                           capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    train(TrainOptions(out=str(tmp_path / "single"), batch_size=4, max_iters=3, **common))
+    two_ranks(tmp_path / "ddp")
+    train(TrainOptions(out=str(tmp_path / "resumed"), batch_size=4, max_iters=1, **common))
+    two_ranks(tmp_path / "resumed", "--resume")
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in lines] == [1, 2, 3]
 
     # the initial weights: what train() builds for seed 0 before its first step
     from defeat_cache.data.dataset import load_dataset
@@ -172,23 +181,25 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
     spec, ds = load_model_spec(str(student)), load_dataset(str(data), "train")
     _set_seed(0)
     model = build_detector(spec, ds.num_classes)
-    opts = TrainOptions(out=str(tmp_path / "unused"), batch_size=4, distill=load_preset("defeat"), **common)
+    opts = TrainOptions(out=str(tmp_path / "unused"), batch_size=4, **common)
     init = TrainStep(model, build_distiller(opts, spec, ds, spec.preprocessing, torch.device("cpu"))).state_dict()
 
-    single, ddp = _weight_deltas(tmp_path / "single", init), _weight_deltas(tmp_path / "ddp", init)
-    assert single.keys() == ddp.keys() and any(k.startswith("distiller.neck_adapters") for k in single)
-    moved, worst = 0, 0.0
-    for name, d1 in single.items():
-        scale = d1.abs().max().item()
-        if scale == 0:  # frozen (stem, BN buffers)
-            assert ddp[name].abs().max().item() == 0, name
-            continue
-        moved += 1
-        err = (ddp[name] - d1).abs().max().item()
-        worst = max(worst, err / scale)
-        assert err <= 1e-4 * scale, f"{name}: DDP update differs by {err:.3g} (update scale {scale:.3g})"
-    assert moved > 20
-    print(f"DDP vs single process: worst relative update difference {worst:.2e} over {moved} tensors")
+    single = _weight_deltas(tmp_path / "single", init)
+    for run in ("ddp", "resumed"):
+        other = _weight_deltas(tmp_path / run, init)
+        assert single.keys() == other.keys() and any(k.startswith("distiller.neck_adapters") for k in single)
+        moved, worst = 0, 0.0
+        for name, d1 in single.items():
+            scale = d1.abs().max().item()
+            if scale == 0:  # frozen (stem, BN buffers)
+                assert other[name].abs().max().item() == 0, name
+                continue
+            moved += 1
+            err = (other[name] - d1).abs().max().item()
+            worst = max(worst, err / scale)
+            assert err <= 1e-4 * scale, f"{run}: {name} update differs by {err:.3g} (update scale {scale:.3g})"
+        assert moved > 20
+        print(f"{run} vs single process: worst relative update difference {worst:.2e} over {moved} tensors")
 
 
 EVAL_LAUNCHER = textwrap.dedent("""
@@ -211,7 +222,6 @@ EVAL_LAUNCHER = textwrap.dedent("""
 
 def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoint, tiny_shapes):
     """Each rank predicts its stride of the images; rank 0 gathers, scores and prints once."""
-    import json
 
     import torch
 

@@ -95,7 +95,7 @@ def test_train_streams_an_s3_cache_through_forked_workers(tmp_path, s3, s3_cache
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iter"] for m in lines] == [1, 2]
-    assert all(np.isfinite(m["loss_neck_obj"]) and m["loss_cls_pos"] >= 0 for m in lines)
+    assert all(m["loss_neck_obj"] > 0 and m["loss_cls_pos"] > 0 for m in lines)  # teacher targets arrived
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["storage_options"] == ["endpoint_url"]  # names only: options may hold secrets
 
@@ -121,12 +121,33 @@ def test_storage_options_on_a_local_path_are_refused(tmp_path, tiny_cache):
 
 def test_parse_storage_options():
     assert parse_storage_options(["endpoint_url=http://h:9000", "anon=true", "client_kwargs.region_name=eu-west-1",
-                                  "config_kwargs.retries.max_attempts=3"]) == {
+                                  "config_kwargs.retries.max_attempts=3", "key=12345", "secret=007",
+                                  "token=true"]) == {
         "endpoint_url": "http://h:9000", "anon": True, "client_kwargs": {"region_name": "eu-west-1"},
-        "config_kwargs": {"retries": {"max_attempts": 3}}}
+        "config_kwargs": {"retries": {"max_attempts": 3}},
+        "key": "12345", "secret": "007", "token": "true"}  # secrets stay strings, whatever they look like
     assert parse_storage_options([]) == {}
     with pytest.raises(CacheError, match="KEY=VALUE"):
         parse_storage_options(["endpoint_url"])
+    with pytest.raises(CacheError, match="client_kwargs") as e:
+        parse_storage_options(["client_kwargs.region_name=eu-west-1", "client_kwargs=hunter2"])
+    assert "hunter2" not in str(e.value)  # errors never echo a value
+
+
+def test_extraction_refuses_a_prefix_holding_other_objects(s3, tiny_model_toml, tiny_teacher_checkpoint,
+                                                           tiny_shapes):
+    """zarr's create mode deletes everything under the path: a bucket or folder of other data
+    must be refused, and survive."""
+    import s3fs
+    endpoint, options = s3
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    fs.pipe(f"{BUCKET}/datasets/coco/annotations.json", b"{}")
+    for out in (f"s3://{BUCKET}/datasets", f"s3://{BUCKET}"):
+        with pytest.raises(CacheError, match="already holds objects"):
+            extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
+                                   data=str(tiny_shapes), out=out, codec="fp32", proposals=20, items_per_shard=5,
+                                   batch_size=1, workers=0, progress=False, storage_options=options))
+    assert fs.cat(f"{BUCKET}/datasets/coco/annotations.json") == b"{}"
 
 
 def test_two_rank_extraction_to_s3(tmp_path, s3, s3_cache, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes):

@@ -55,3 +55,21 @@ def test_detectors_sample_per_image_only_inside_seeded_sampling(tiny_model_toml,
 def test_item_seed_separates_runs_epochs_images_and_views():
     seeds = {item_seed(s, e, i, v) for s in (0, 1) for e in (0, 1) for i in (0, 1, 10) for v in (0, 1)}
     assert len(seeds) == 24 and all(0 <= x < 2**63 for x in seeds)
+
+
+def test_random_masks_draw_per_image_from_their_generators():
+    from defeat_cache.distill.masks import build_level_masks
+    from defeat_cache.models.sampling import image_generators
+
+    boxes = [torch.tensor([[4.0, 4.0, 40.0, 36.0]]), torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 16.0, 16.0]])]
+    sizes, strides = [(16, 16), (8, 8)], [4, 8]
+    seeds = [item_seed(0, 0, 7, 0), item_seed(0, 0, 9, 1)]
+    pair = build_level_masks("random", boxes, sizes, strides, generators=image_generators(seeds, "random_mask", "cpu"),
+                             finest_scale=8)
+    alone = build_level_masks("random", boxes[1:], sizes, strides,
+                              generators=image_generators(seeds[1:], "random_mask", "cpu"), finest_scale=8)
+    gt = build_level_masks("gt", boxes, sizes, strides, finest_scale=8)
+    for lvl in range(2):
+        assert torch.equal(pair[lvl][1], alone[lvl][0])
+        assert torch.equal(pair[lvl].sum(dim=(1, 2)), gt[lvl].sum(dim=(1, 2)))  # as many cells as the GT mask
+    assert any(not torch.equal(pair[lvl], gt[lvl]) for lvl in range(2))  # but elsewhere

@@ -316,3 +316,6 @@ def test_cli_train_usage_errors(tmp_path, tiny_shapes):
     r = _invoke(["train", "--student", "r18q_fpn_cpu", "--data", tiny_shapes, "--out", tmp_path,
                  "--set", "neck.alpha_bg=8"])
     assert r.exit_code == 2 and "--set overrides" in r.output
+    r = _invoke(["train", "--student", "r18q_fpn_cpu", "--data", tiny_shapes, "--out", tmp_path,
+                 "--storage-option", "endpoint_url=http://127.0.0.1:9000"])
+    assert r.exit_code == 2 and "--storage-option applies to a --cache URL" in r.output

@@ -205,7 +205,7 @@ def extract(opts: ExtractOptions) -> dict:
         writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=False, storage_options=so)
     if writer.complete:
         log(f"{opts.out}: cache is already complete ({layout.num_items} items); nothing to do")
-        return {"out": opts.out, "complete": True, "written_shards": 0, "items": layout.num_items}
+        return {"out": opts.out, "complete": True, "written_shards": 0, "items": 0, "ranks": du.world_size()}
     pending = [s for s in writer.pending_shards() if s % du.world_size() == du.rank()]
     total_pending = len(writer.pending_shards())
     log(f"{data.summary()}\nextracting {spec.name} -> {opts.out}: {layout.num_items} items "

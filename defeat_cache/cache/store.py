@@ -268,27 +268,53 @@ def is_url(path) -> bool:
     return "://" in str(path)
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "session", "credential")
+
+
 def parse_storage_options(pairs: Sequence[str]) -> dict:
     """``["endpoint_url=http://host:9000", "client_kwargs.region_name=eu-west-1", "anon=true"]``
-    -> fsspec storage options: values are read as JSON where they parse (numbers, booleans),
-    else kept as strings; dots in a key make nested dicts."""
+    -> fsspec storage options. true/false and numbers become booleans and numbers, except
+    for keys that name a secret (key, secret, token, ...), which stay strings; dots in a key
+    make nested dicts. Errors name the key, never the value (it may be a secret)."""
     options: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise CacheError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        *parents, leaf = key.strip().split(".")
+        key = key.strip()
+        if not sep or not key:
+            raise CacheError(f"--storage-option {key or '?'}: expected KEY=VALUE, "
+                             "e.g. endpoint_url=http://127.0.0.1:9000")
+        *parents, leaf = key.split(".")
+        value: Any = raw
+        if not any(w in leaf.lower() for w in _SECRET_WORDS):
+            if raw.lower() in ("true", "false"):
+                value = raw.lower() == "true"
+            else:
+                for number in (int, float):
+                    try:
+                        value = number(raw)
+                        break
+                    except ValueError:
+                        pass
         node = options
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise CacheError(f"--storage-option {pair!r}: {part!r} is already set to a value")
+                raise CacheError(f"--storage-option {key}: {part!r} is already given a value")
+        if isinstance(node.get(leaf), dict):
+            raise CacheError(f"--storage-option {key}: already given as a group of options ({key}.*)")
         node[leaf] = value
     return options
+
+
+def _url_holds_objects(path, storage_options: dict | None) -> bool:
+    """Whether anything is stored under a URL prefix (an s3:// bucket or folder)."""
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    fs.invalidate_cache(root)  # fsspec instances are shared with zarr's store: no stale listing
+    try:
+        return bool(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return False
 
 
 def _open_group(path, mode: str, storage_options: dict | None):
@@ -467,11 +493,12 @@ class CacheWriter:
         except FileNotFoundError:
             group = None
 
+        interrupted = False
         if group is not None and MANIFEST_KEY not in group.attrs:
             members = set(_array_names(layout)) | {"features", "backbone"}
             found = set(group.keys())
             if create and found <= members:
-                group = None  # creation was interrupted before the manifest: start over
+                group, interrupted = None, True  # creation was interrupted before the manifest: start over
             else:
                 raise NotACacheError(
                     f"{path} is a zarr group without a defeat-cache manifest "
@@ -480,7 +507,12 @@ class CacheWriter:
         if group is None:
             if not create:
                 raise NotACacheError(f"no cache at {path} (the creating rank must create it first)")
-            if isinstance(path, (str, Path)) and not is_url(path):
+            # zarr's mode "w" deletes everything under the path: only ever on our own leftovers
+            if is_url(path):
+                if not interrupted and _url_holds_objects(path, storage_options):
+                    raise NotACacheError(f"{path} already holds objects and is not a defeat-cache cache; "
+                                         f"use a new, empty --out prefix")
+            elif isinstance(path, (str, Path)):
                 p = Path(path)
                 if p.exists() and (not p.is_dir() or any(x.name != "zarr.json" for x in p.iterdir())):
                     if not (p / "zarr.json").exists():
@@ -742,6 +774,15 @@ class TeacherCache:
         Two zarr round trips: meta, then everything else concurrently."""
         if not 0 <= item_index < len(self):
             raise IndexError(f"item {item_index} out of range [0, {len(self)})")
+        try:
+            return self._read(item_index)
+        except CacheError:
+            raise
+        except Exception as e:  # storage errors (a dropped endpoint, expired credentials, a bad chunk)
+            raise CacheError(f"cache {self.path}: reading item {item_index} failed "
+                             f"({type(e).__name__}: {e})") from e
+
+    def _read(self, item_index: int) -> CacheItem:
         A = self._open()
         i = item_index
         meta = np.asarray(A["meta"][i])

@@ -90,11 +90,24 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         image_index, view_index = key if isinstance(key, tuple) else (key, 0)
-        return self.sample(int(image_index), int(view_index))
+        try:
+            return self.sample(int(image_index), int(view_index))
+        except DataError as e:
+            # Returned, not raised: a DataLoader worker would wrap it in a multi-line traceback;
+            # `check_batch` raises it in the main process as the one-line error it is.
+            return {"error": str(e), "image_index": int(image_index), "view_index": int(view_index)}
 
 
 def collate(samples: list[dict]) -> list[dict]:
     return samples
+
+
+def check_batch(batch: list[dict]) -> list[dict]:
+    """Raises the DataError of the first sample that could not be made (see ViewDataset)."""
+    for s in batch:
+        if "error" in s:
+            raise DataError(s["error"])
+    return batch
 
 
 class ViewSampler(Sampler):

@@ -21,7 +21,7 @@ from ..data.dataset import ViewDataset
 from ..data.records import DataError, DetectionData
 from ..models.checkpoint import load_weights
 from ..models.forward import DetectorOutput, is_retinanet, roi_class_logits
-from ..models.sampling import ItemSeededSampler, image_generator, seeded_sampling
+from ..models.sampling import ItemSeededSampler, image_generators, seeded_sampling
 from ..models.teacher import teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..progress import log
@@ -48,8 +48,12 @@ class CachedViewDataset(ViewDataset):
         self.cache = cache
 
     def sample(self, image_index: int, view_index: int) -> dict:
+        from ..cache.store import CacheError
         s = super().sample(image_index, view_index)
-        item = self.cache.read(image_index * len(self.views) + view_index)
+        try:
+            item = self.cache.read(image_index * len(self.views) + view_index)
+        except CacheError as e:
+            raise DataError(str(e)) from None
         if (item.image_index, item.view_index) != (image_index, view_index) or \
                 tuple(item.image_size) != tuple(s["geometry"].image_size):
             raise DataError(f"cache item for image {image_index} view {view_index} does not match the "
@@ -216,9 +220,7 @@ class Distiller(nn.Module):
         anchors = num_a = None
         if kind == "fgfi":
             anchors, num_a = _level_anchors(student, out)
-        generators = None
-        if kind == "random" and seeds is not None:
-            generators = [image_generator(sd, "random_mask", device) for sd in seeds]
+        generators = image_generators(seeds, "random_mask", device) if kind == "random" else None
         masks = build_level_masks(kind, boxes, sizes, self.strides, anchors_per_level=anchors,
                                   num_anchors_per_cell=num_a, finest_scale=self.finest_scale, generators=generators)
         terms = neck_distill_loss(s_levels, t_levels, masks, valids, self.preset["neck"]["alpha_obj"],
@@ -260,7 +262,7 @@ class Distiller(nn.Module):
         pos_masks, neg_masks = self.kd_sampler([p.long() for p in positive])
         keep = [(pm | nm).bool() for pm, nm in zip(pos_masks, neg_masks)]
         if cfg["mode"] == "sub_negative":  # per image: its sampled positives and as many of its negatives
-            gens = [image_generator(sd, "sub_negative", device) for sd in seeds] if seeds else [None] * len(keep)
+            gens = image_generators(seeds, "sub_negative", device) or [None] * len(keep)
             keep = [_scatter_keep(k, subsample_negatives(p[k], g)) for k, p, g in zip(keep, positive, gens)]
         rois = [r[k] for r, k in zip(rois, keep)]
         t_all = torch.cat([lg[k] for lg, k in zip(t_logits, keep)])

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import distributed as du
-from ..data.dataset import ViewDataset, collate
+from ..data.dataset import ViewDataset, check_batch, collate
 from ..data.records import DetectionData
 from ..progress import progress
 from ..views import Preprocessing, ViewSet
@@ -34,7 +34,7 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
     bar = progress(len(dataset), "eval", enabled=show_progress)
     use_amp = device.type == "cuda"
     for batch in loader:
-        images = [s["image"].to(device, non_blocking=True) for s in batch]
+        images = [s["image"].to(device, non_blocking=True) for s in check_batch(batch)]
         with torch.autocast(device.type, enabled=use_amp):
             outputs = model(images)
         for s, out in zip(batch, outputs):
@@ -44,7 +44,7 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             results.append({"image_index": s["image_index"], "boxes": boxes,
                             "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
-        bar.update(len(batch) * du.world_size())
+        bar.update(min(len(batch) * du.world_size(), bar.total - bar.n))  # the ranks' strides together
     bar.close()
     return results
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .. import __version__
 from .. import distributed as du
-from ..data.dataset import ViewDataset, ViewSampler, collate, load_dataset
+from ..data.dataset import ViewDataset, ViewSampler, check_batch, collate, load_dataset
 from ..data.records import DataError
 from ..models.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from ..models.forward import detector_forward
@@ -139,6 +139,9 @@ class TrainStep(nn.Module):
 def train(opts: TrainOptions) -> dict:
     """Trains and returns a summary dict; writes RUN_DIR/{config.json,metrics.jsonl,last.pt,final.pt}."""
     device = du.init_from_env(opts.device)
+    if opts.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm has no CPU implementation
+        raise DataError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                        "drop --sync-bn, or use a model with norm = \"frozen_bn\"")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(opts.data, "train")
@@ -158,9 +161,6 @@ def train(opts: TrainOptions) -> dict:
     views = distiller.views if distiller is not None else ViewSet.parse(opts.views)
 
     model.to(device)
-    if opts.sync_bn and device.type != "cuda":  # torch's SyncBatchNorm has no CPU implementation
-        raise DataError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-                        "drop --sync-bn, or use a model with norm = \"frozen_bn\"")
     if opts.sync_bn and du.is_dist():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_modules = TrainStep(model, distiller.to(device) if distiller is not None else None)
@@ -194,8 +194,12 @@ def train(opts: TrainOptions) -> dict:
               "class_names": data.class_names, "preprocessing": pre.to_dict(), "version": __version__}
     iteration, start = 0, time.time()
     last = out / "last.pt"
-    if opts.resume and last.is_file():
-        ck = read_checkpoint(last)
+    # Rank 0 reads last.pt and hands it to the others (ranks on other nodes may not see its --out),
+    # so every rank resumes from the same state or none does.
+    ck = None
+    if opts.resume:
+        ck = du.broadcast_object(read_checkpoint(last) if du.is_main_process() and last.is_file() else None)
+    if ck is not None:
         if ck.get("model", {}).get("name") != spec.name:
             raise DataError(f"{last}: checkpoint is of model {ck.get('model', {}).get('name')!r}, not {spec.name!r}")
         # Iterations, epochs and the lr schedule count global batches: another size would
@@ -235,8 +239,9 @@ def train(opts: TrainOptions) -> dict:
     last_ckpt_time = time.time()
     window_start, window_images = time.time(), 0
     train_modules.train()
-    with _StopRequest() as stop:
-        while iteration < total_iters and not stop.requested:
+    stopping = False
+    with _StopRequest() as stop, bar:  # the bar closes on errors too, so an error starts its own line
+        while iteration < total_iters and not stopping:
             epoch, skip = divmod(iteration, batches_per_epoch)
             sampler.set_epoch(epoch)
             # Resume mid-epoch: the epoch's order depends only on (seed, epoch), so skip what was done.
@@ -248,7 +253,7 @@ def train(opts: TrainOptions) -> dict:
                                 # which would make a resumed run sample RoIs differently
                                 generator=torch.Generator().manual_seed(opts.seed * 1_000_003 + epoch))
             for batch in loader:
-                images, targets = _to_device(batch, device)
+                images, targets = _to_device(check_batch(batch), device)
                 seeds = [item_seed(opts.seed, epoch, s["image_index"], s["view_index"]) for s in batch]
                 with torch.autocast(device.type, enabled=use_amp):
                     losses = step_fn(images, targets, batch, seeds)
@@ -287,9 +292,10 @@ def train(opts: TrainOptions) -> dict:
                 if time.time() - last_ckpt_time > opts.checkpoint_minutes * 60:
                     save(last, iteration)
                     last_ckpt_time = time.time()
-                if iteration >= total_iters or stop.requested:
+                # every rank stops after the same step, or the next step's collectives would not pair up
+                stopping = du.any_rank(stop.requested, device)
+                if iteration >= total_iters or stopping:
                     break
-    bar.close()
     save(last, iteration)
     if metrics_file:
         metrics_file.close()

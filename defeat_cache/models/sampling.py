@@ -69,18 +69,27 @@ class ItemSeededSampler(BalancedPositiveNegativeSampler):
         return pos_masks, neg_masks
 
 
+def image_generators(seeds: Sequence[int] | None, site: str, device) -> list[torch.Generator] | None:
+    """One generator per image at a sampling site, or None without seeds (the global RNG)."""
+    return None if seeds is None else [image_generator(s, site, device) for s in seeds]
+
+
+def _sampler_owners(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module holding `fg_bg_sampler`, site) of a Faster R-CNN; RetinaNet samples nothing."""
+    pairs = ((getattr(model, "rpn", None), "rpn"), (getattr(model, "roi_heads", None), "roi"))
+    return [(owner, site) for owner, site in pairs if owner is not None and hasattr(owner, "fg_bg_sampler")]
+
+
 def install_item_seeded_samplers(model: nn.Module) -> None:
-    """Replace a Faster R-CNN's RPN and box-head samplers by ItemSeededSamplers with the same
-    settings (RetinaNet samples nothing)."""
-    for owner, site in ((getattr(model, "rpn", None), "rpn"), (getattr(model, "roi_heads", None), "roi")):
-        if owner is not None and isinstance(owner.fg_bg_sampler, BalancedPositiveNegativeSampler):
-            old = owner.fg_bg_sampler
+    """Replace a Faster R-CNN's RPN and box-head samplers by ItemSeededSamplers with the same settings."""
+    for owner, site in _sampler_owners(model):
+        old = owner.fg_bg_sampler
+        if isinstance(old, BalancedPositiveNegativeSampler) and not isinstance(old, ItemSeededSampler):
             owner.fg_bg_sampler = ItemSeededSampler(old.batch_size_per_image, old.positive_fraction, site)
 
 
 def samplers_of(model: nn.Module) -> list[ItemSeededSampler]:
-    owners = (getattr(model, "rpn", None), getattr(model, "roi_heads", None))
-    return [o.fg_bg_sampler for o in owners if o is not None and isinstance(o.fg_bg_sampler, ItemSeededSampler)]
+    return [o.fg_bg_sampler for o, _ in _sampler_owners(model) if isinstance(o.fg_bg_sampler, ItemSeededSampler)]
 
 
 @contextmanager
@@ -96,5 +105,5 @@ def seeded_sampling(samplers: Sequence[ItemSeededSampler], seeds: Sequence[int] 
             s.seeds = None
 
 
-__all__ = ["ItemSeededSampler", "SALTS", "image_generator", "install_item_seeded_samplers", "item_seed",
-           "samplers_of", "seeded_sampling"]
+__all__ = ["ItemSeededSampler", "SALTS", "image_generator", "image_generators", "install_item_seeded_samplers",
+           "item_seed", "samplers_of", "seeded_sampling"]
