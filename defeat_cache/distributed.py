@@ -65,11 +65,12 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: v / world_size() for k, v in _all_reduce_dict(values, dist.ReduceOp.SUM, device).items()}
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any (e.g. a Ctrl-C that reached only some ranks yet)."""
+def any_rank(flags: dict[str, bool], device: torch.device) -> dict[str, bool]:
+    """Each flag True on every rank if it is True on any (one collective for all of them),
+    e.g. a Ctrl-C that reached only some ranks yet, or a non-finite loss on one rank."""
     if not is_dist():
-        return flag
-    return _all_reduce_dict({"flag": float(flag)}, dist.ReduceOp.MAX, device)["flag"] > 0
+        return {k: bool(v) for k, v in flags.items()}
+    return {k: v > 0 for k, v in _all_reduce_dict(flags, dist.ReduceOp.MAX, device).items()}
 
 
 def job_totals(sums: dict[str, float], maxima: dict[str, float], device: torch.device) -> dict[str, float]:

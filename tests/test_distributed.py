@@ -252,3 +252,51 @@ def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoin
     assert {k: v for k, v in written.items() if k != "eval_seconds"} == \
         {k: v for k, v in metrics.items() if k != "eval_seconds"} == \
         {k: v for k, v in printed[0].items() if k != "eval_seconds"}
+
+
+FAULT_LAUNCHER = textwrap.dedent("""
+    # Rank 1 alone meets a fault at its 2nd step: a Ctrl-C (FAULT=sigint) or a NaN loss (FAULT=nan).
+    import os, signal, sys
+    import torch
+    from defeat_cache.engine import train as train_mod
+    fault, calls = os.environ["FAULT"], [0]
+    real_forward = train_mod.TrainStep.forward
+    def forward(self, *args, **kwargs):
+        losses = real_forward(self, *args, **kwargs)
+        calls[0] += 1
+        if os.environ["RANK"] == "1" and calls[0] == 2:
+            if fault == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                losses["loss_classifier"] = losses["loss_classifier"] * float("nan")
+        return losses
+    train_mod.TrainStep.forward = forward
+    from defeat_cache.cli import main
+    main(sys.argv[1:], prog_name="defeat-cache")
+""")
+
+
+@pytest.mark.parametrize("fault", ["sigint", "nan"])
+def test_a_fault_on_one_rank_stops_every_rank_cleanly(tmp_path, fault, tiny_model_toml, tiny_shapes):
+    """Ranks agree once per step: a Ctrl-C that reached rank 1 only stops both after the same
+    step (checkpoint written, resumable); a NaN loss on rank 1 only ends both with the error,
+    instead of one rank waiting in a collective the other never joins."""
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT_LAUNCHER)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "train", "--student", str(tiny_model_toml), "--data", str(tiny_shapes),
+                        "--out", str(out), "--max-iters", "5", "--batch-size", "1", "--workers", "0",
+                        "--log-every", "1"],
+                       capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault})
+    from defeat_cache.models.checkpoint import read_checkpoint
+    if fault == "sigint":
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "stopped at iteration 2/5" in r.stderr
+        assert read_checkpoint(out / "last.pt")["iteration"] == 2 and not (out / "final.pt").exists()
+    else:
+        assert r.returncode != 0
+        assert "Error: at iteration 1, loss is nan" in r.stderr  # rank 1, its own numbers
+        assert "Error: at iteration 1, the loss of another rank is not finite" in r.stderr  # rank 0
+        assert "engine/train.py" not in r.stderr  # no traceback of ours (torchrun adds its own summary)

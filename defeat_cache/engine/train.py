@@ -258,11 +258,16 @@ def train(opts: TrainOptions) -> dict:
                 with torch.autocast(device.type, enabled=use_amp):
                     losses = step_fn(images, targets, batch, seeds)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at iteration {iteration}: "
-                        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                        + "; lower --lr or check the data")
+                # Agreed by all ranks once per step, so they all take the same branch (their next
+                # collectives must pair up): a non-finite loss on any rank stops every rank, and a
+                # Ctrl-C that reached only some ranks yet stops all of them after this step.
+                finite = bool(torch.isfinite(loss))
+                agreed = du.any_rank({"nonfinite": not finite, "stop": stop.requested}, device)
+                if agreed["nonfinite"]:
+                    where = (f"loss is {loss.item()}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                             if not finite else "the loss of another rank is not finite")
+                    raise FloatingPointError(f"at iteration {iteration}, {where}; lower --lr or check the data")
+                stopping = agreed["stop"]
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -292,8 +297,6 @@ def train(opts: TrainOptions) -> dict:
                 if time.time() - last_ckpt_time > opts.checkpoint_minutes * 60:
                     save(last, iteration)
                     last_ckpt_time = time.time()
-                # every rank stops after the same step, or the next step's collectives would not pair up
-                stopping = du.any_rank(stop.requested, device)
                 if iteration >= total_iters or stopping:
                     break
     save(last, iteration)
