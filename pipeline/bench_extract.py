@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,28 @@ def emit(result: dict, json_path: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- shared setup
+def add_common_args(ap: argparse.ArgumentParser, images: int) -> None:
+    """The options every pipeline/bench_*.py script takes."""
+    ap.add_argument("--images", type=int, default=images, help="synthetic train images (x views = items)")
+    ap.add_argument("--teacher", default="r18_fpn_cpu")
+    ap.add_argument("--teacher-checkpoint", default=None,
+                    help="teacher weights; default out/quickstart/teacher/final.pt if present, else random init")
+    ap.add_argument("--work", default=None, help="work folder (kept); default a temp folder, removed")
+    ap.add_argument("--json", default=None, help="also write the JSON result here")
+
+
+@contextmanager
+def work_folder(given: str | None, prefix: str):
+    """`given` (created, kept), else a temporary folder removed at the end."""
+    work = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if not given:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def make_dataset(work: Path, num_train: int, seed: int = 0) -> Path:
     """The synthetic shapes dataset (idempotent: reused when the same parameters exist)."""
     from defeat_cache.data.shapes import generate_shapes
@@ -467,10 +490,7 @@ def padding_effect(teacher, samples: list[dict], num_views: int, pairs: int, see
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--images", type=int, default=96, help="synthetic train images (x views = items)")
-    ap.add_argument("--teacher", default="r18_fpn_cpu")
-    ap.add_argument("--teacher-checkpoint", default=None,
-                    help="teacher weights; default out/quickstart/teacher/final.pt if present, else random init")
+    add_common_args(ap, images=96)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--views", default="orig,hflip")
     ap.add_argument("--batch-size", type=int, default=8, help="extract batch size (the CLI default)")
@@ -486,8 +506,6 @@ def parse_args(argv=None):
     ap.add_argument("--read-seconds", type=float, default=2.0, help="min seconds timed per read setting")
     ap.add_argument("--padding-pairs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default=None, help="work folder (kept); default a temp folder, removed")
-    ap.add_argument("--json", default=None, help="also write the JSON result here")
     return ap.parse_args(argv)
 
 
@@ -504,11 +522,9 @@ def main(argv=None) -> dict:
     from defeat_cache.models.zoo import load_model_spec
     from defeat_cache.views import ViewSet
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    work.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "extract", "command": command_line(), "device": args.device,
                     "torch_threads": threads, "cpu_count": os.cpu_count(), "loadavg_start": loadavg()}
-    try:
+    with work_folder(args.work, "bench_extract_") as work:
         data_toml = make_dataset(work, args.images, args.seed)
         ckpt, ckpt_kind = resolve_teacher_checkpoint(args.teacher_checkpoint, args.teacher, data_toml, work, args.seed)
         spec = load_model_spec(args.teacher)
@@ -648,9 +664,6 @@ def main(argv=None) -> dict:
         log(f"padding effect on {args.padding_pairs} pairs")
         result["padding_effect"] = padding_effect(teacher, samples, len(views), args.padding_pairs, args.seed,
                                                   level_names, device)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
     result["loadavg_end"] = loadavg()
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)
     log(f"done in {result['total_seconds']}s")

@@ -26,13 +26,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import command_line, emit, loadavg, log, make_dataset, resolve_teacher_checkpoint  # noqa: E402
+from bench_extract import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
+                           resolve_teacher_checkpoint, work_folder)
 
 BUCKET = "bench"
 # werkzeug's access log; partial-content (range) lines come wrapped in colour codes
@@ -67,7 +67,10 @@ class MotoServer:
             counts["LIST" if method == "GET" and "list-type" in url else method] += 1
         return counts
 
-    def stop(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.proc.terminate()
         self.proc.wait(10)
         self._log.close()
@@ -102,25 +105,18 @@ def read_throughput(url: str, storage_options: dict | None, workers: int, second
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--teacher", default="r18_fpn_cpu")
-    ap.add_argument("--teacher-checkpoint", default=None)
+    add_common_args(ap, images=48)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--proposals", type=int, default=300)
     ap.add_argument("--items-per-shard", type=int, default=8)
     ap.add_argument("--read-seconds", type=float, default=5.0)
-    ap.add_argument("--work", default=None, help="work folder (kept); default a temp folder, removed")
-    ap.add_argument("--json", default=None)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_s3_"))
-    work.mkdir(parents=True, exist_ok=True)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    server = MotoServer(work / "moto.log")
-    try:
+    with work_folder(args.work, "bench_s3_") as work, MotoServer(work / "moto.log") as server:
         import s3fs
 
         from defeat_cache.cache.extract import ExtractOptions, extract
@@ -166,10 +162,6 @@ def main(argv=None) -> dict:
             "read_items_per_s": reads,
             "bytes_per_item": round(cache.inspect()["bytes_per_item"]),
         }
-    finally:
-        server.stop()
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
     emit(result, args.json)
     return result
 

@@ -29,12 +29,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import command_line, emit, loadavg, log, make_dataset, resolve_teacher_checkpoint  # noqa: E402
+from bench_extract import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
+                           resolve_teacher_checkpoint, work_folder)
 
 
 def _launcher(nproc: int) -> list[str]:
@@ -90,10 +90,8 @@ def bench_train(args, data: Path, cache: str, work: Path, nproc: int, threads: i
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=96, help="synthetic train images")
+    add_common_args(ap, images=96)
     ap.add_argument("--nproc", type=int, default=2, help="ranks of the torchrun runs")
-    ap.add_argument("--teacher", default="r18_fpn_cpu")
-    ap.add_argument("--teacher-checkpoint", default=None)
     ap.add_argument("--student", default="r18q_fpn_cpu")
     ap.add_argument("--preset", default="defeat_cpu", help="distillation preset; none = plain training")
     ap.add_argument("--device", default="cpu")
@@ -104,16 +102,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5, help="iterations left out of the median")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the 1-process runs")
-    ap.add_argument("--work", default=None, help="work folder (kept); default a temp folder, removed")
-    ap.add_argument("--json", default=None)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_scaling_"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.work, "bench_scaling_") as work:
         data = make_dataset(work, args.images)
         ckpt, ckpt_kind = resolve_teacher_checkpoint(args.teacher_checkpoint, args.teacher, data, work)
         per_rank_threads = max(1, args.threads // args.nproc)
@@ -136,9 +130,6 @@ def main(argv=None) -> dict:
                       "efficiency": round(trn["images_per_s"] / (args.nproc * tr1r["images_per_s"]), 2),
                       "speedup_wall": round(trn["wall_images_per_s"] / tr1["wall_images_per_s"], 2)},
         }
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
     emit(result, args.json)
     return result
 

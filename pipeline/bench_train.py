@@ -34,12 +34,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import command_line, emit, loadavg, log, make_dataset, resolve_teacher_checkpoint  # noqa: E402
+from bench_extract import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
+                           resolve_teacher_checkpoint, work_folder)
 
 MODES = ("plain", "cache", "online")
 PAPER_CANVAS = (800, 1216)
@@ -197,12 +197,10 @@ def parent(args) -> dict:
     t_all = time.perf_counter()
     import torch
     from defeat_cache.cache.extract import ExtractOptions, extract
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_train_"))
-    work.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "train", "command": command_line(), "device": args.device,
                     "cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
                     "loadavg_start": loadavg()}
-    try:
+    with work_folder(args.work, "bench_train_") as work:
         data_toml = make_dataset(work, args.images, args.seed)
         ckpt, kind = resolve_teacher_checkpoint(args.teacher_checkpoint, args.teacher, data_toml, work, args.seed)
         result.update(teacher=args.teacher, student=args.student, teacher_checkpoint=ckpt, teacher_weights=kind,
@@ -300,9 +298,6 @@ def parent(args) -> dict:
                              teacher_forward_source="r152_fpn_teacher_forward_s",
                              formula="cache_vs_online ~ student_step_s / (student_step_s + teacher_forward_s)")
         result["notes"] = notes(result)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
     result["loadavg_end"] = loadavg()
     result["total_seconds"] = round(time.perf_counter() - t_all, 1)
     log(f"done in {result['total_seconds']}s")
@@ -339,17 +334,14 @@ def notes(result: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--images", type=int, default=96, help="synthetic train images")
+    add_common_args(ap, images=96)
     ap.add_argument("--max-iters", type=int, default=35)
     ap.add_argument("--warmup", type=int, default=5, help="iterations dropped before timing")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all modes")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (train and extract)")
-    ap.add_argument("--teacher", default="r18_fpn_cpu")
     ap.add_argument("--student", default="r18q_fpn_cpu")
-    ap.add_argument("--teacher-checkpoint", default=None,
-                    help="teacher weights; default out/quickstart/teacher/final.pt if present, else random init")
     ap.add_argument("--preset", default="defeat")
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--proposals", type=int, default=300, help="extraction's post-NMS proposals (= online's)")
@@ -364,8 +356,6 @@ def parse_args(argv=None):
     ap.add_argument("--paper-proposals", type=int, default=1000)
     ap.add_argument("--paper-pre-nms-top-n", type=int, default=2000)
     ap.add_argument("--paper-timeout", type=float, default=240.0, help="seconds before the paper child is stopped")
-    ap.add_argument("--work", default=None, help="work folder (kept); default a temp folder, removed")
-    ap.add_argument("--json", default=None, help="also write the JSON result here")
     # internal: one mode in its own process
     ap.add_argument("--mode", choices=MODES + ("paper",), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)

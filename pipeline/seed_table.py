@@ -13,7 +13,7 @@ KEYS = ["AP", "AP50", "AP75", "APS", "APM", "APL"]
 
 def main(out_dir: str, *seeds: str) -> None:
     out = Path(out_dir)
-    rows, table = {}, []
+    rows = {}
     for name in ("student", "defeat"):
         runs = [json.loads((out / "seeds" / f"{name}-seed{s}" / "eval.json").read_text()) for s in seeds]
         rows[name] = {k: [100 * r[k] for r in runs] for k in KEYS}

@@ -20,6 +20,9 @@ Factories (plain functions exposed as fixtures, so test modules need no imports 
 * ``write_model_toml(path, **sections)`` -- writes a tiny model TOML, sections overriding the defaults.
 * ``write_png(path, width, height, color=(..))`` -- writes a solid-colour RGB PNG (or JPEG by suffix).
 * ``write_json(path, obj)`` -- writes JSON, creating parent folders.
+* ``torchrun(args, env=None, nproc=2, timeout=240)`` -- ``python -m torch.distributed.run --standalone
+  --nproc_per_node=NPROC *args`` with one torch thread per rank; returns the CompletedProcess (text).
+* ``assert_same_caches(a, b, atol=0)`` -- two caches' zarr groups hold the same arrays, equal within atol.
 
 Torch runs single-threaded in tests (``pytest_configure``): the models are tiny, the machine has
 2 shared cores, and intra-op threads spinning against other processes made tiny forwards ~10x slower.
@@ -29,6 +32,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,6 +179,36 @@ def _write_json_fixture():
     return write_json
 
 
+def torchrun(args, env: dict | None = None, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_same_caches(a, b, atol: float = 0.0) -> None:
+    import numpy as np
+    names = sorted(k for k, _ in a.arrays())
+    assert names == sorted(k for k, _ in b.arrays()) and {"rois", "meta", "shard_done"} <= set(names)
+    for sub, group in a.groups():  # features/, backbone/
+        names += [f"{sub}/{k}" for k, _ in group.arrays()]
+    assert any(n.startswith("features/") for n in names)
+    for name in names:
+        np.testing.assert_allclose(a[name][:], b[name][:], rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.fixture(name="torchrun", scope="session")
+def _torchrun_fixture():
+    """Factory: ``torchrun(args, env=None, nproc=2, timeout=240) -> CompletedProcess`` (see module docstring)."""
+    return torchrun
+
+
+@pytest.fixture(name="assert_same_caches", scope="session")
+def _assert_same_caches_fixture():
+    """``assert_same_caches(group_a, group_b, atol=0.0)`` (see module docstring)."""
+    return assert_same_caches
+
+
 # --------------------------------------------------------------------------------------------
 # teacher checkpoints and teacher caches (extraction / distillation tests)
 # --------------------------------------------------------------------------------------------
@@ -225,6 +261,19 @@ def tiny_teacher_checkpoint(tmp_path_factory, tiny_model_toml, tiny_shapes) -> P
 def tiny_retina_checkpoint(tmp_path_factory, tiny_retina_toml, tiny_shapes) -> Path:
     """Randomly initialised (seed 0) ``tiny_retina_toml`` detector for ``tiny_shapes``."""
     return _random_detector_checkpoint(tmp_path_factory.mktemp("teacher") / "retina.pt", tiny_retina_toml, tiny_shapes)
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes) -> str:
+    """One-process fp32 extraction with the CLI's defaults but --proposals 20 --items-per-shard 2
+    --batch-size 1: what the torchrun extraction tests compare their caches with."""
+    from defeat_cache.cache.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("ref") / "one_process.zarr"
+    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
+                           data=str(tiny_shapes), out=str(out), codec="fp32", proposals=20, items_per_shard=2,
+                           batch_size=1, workers=0, progress=False))
+    return str(out)
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def test_relative_and_absolute_file_names(tmp_path, write_png, write_json, monke
     absolute = write_png(tmp_path / "elsewhere" / "abs.png", 16, 12)
     images = [{"id": 1, "file_name": "sub/rel.png", "width": 20, "height": 10},
               {"id": 2, "file_name": str(absolute), "width": 16, "height": 12}]
-    toml = _coco(tmp_path, write_png, write_json, images=images, annotations=[])
+    _coco(tmp_path, write_png, write_json, images=images, annotations=[])
     monkeypatch.chdir(tmp_path / "elsewhere")  # paths in the TOML are relative to its folder, not the cwd
     data = load_dataset(Path("..") / "ds" / "data.toml", "train")
     assert [r.file for r in data.records] == [(ds / "imgs" / "sub" / "rel.png").resolve(), absolute]

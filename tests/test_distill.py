@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 from defeat_cache.cache import extract as extract_mod
-from defeat_cache.cache import store as store_mod
 from defeat_cache.cache.extract import ExtractOptions, extract
 from defeat_cache.cli import main as cli
 from defeat_cache.data.dataset import collate, load_dataset

@@ -4,13 +4,9 @@ DDP training equal to single-process training, distributed evaluation."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
 
@@ -41,51 +37,34 @@ def _args(model, ckpt, data, out):
             "--workers", "0"]
 
 
-def _torchrun(tmp_path: Path, nproc: int, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+def _launch(tmp_path: Path, torchrun, nproc: int, args: list[str], env: dict | None = None):
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=240)
+    return torchrun([script, *args], env=env, nproc=nproc)
 
 
-def _assert_same_cache(a: str, b: str) -> None:
-    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
-    names = sorted(k for k, _ in ga.arrays())
-    assert names == sorted(k for k, _ in gb.arrays())
-    for sub in ("features",):
-        for name, arr in ga[sub].arrays():
-            np.testing.assert_allclose(arr[:], gb[sub][name][:], rtol=0, atol=1e-5, err_msg=f"{sub}/{name}")
-    for name in ("rois", "meta", "shard_done"):
-        np.testing.assert_allclose(ga[name][:], gb[name][:], rtol=0, atol=1e-5, err_msg=name)
+def _assert_same_cache(a: str, b: str, assert_same_caches) -> None:
+    assert_same_caches(zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r"), atol=1e-5)
     assert TeacherCache(a).manifest["complete"] and TeacherCache(b).manifest["complete"]
 
 
-@pytest.fixture(scope="module")
-def reference_cache(tmp_path_factory, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes) -> str:
-    out = tmp_path_factory.mktemp("ref") / "one_process.zarr"
-    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
-                           data=str(tiny_shapes), out=str(out), codec="fp32", proposals=20, items_per_shard=2,
-                           batch_size=1, workers=0, progress=False))
-    return str(out)
-
-
 def test_two_rank_extraction_equals_one_process(tmp_path, reference_cache, tiny_model_toml,
-                                                tiny_teacher_checkpoint, tiny_shapes):
+                                                tiny_teacher_checkpoint, tiny_shapes, torchrun, assert_same_caches):
     out = tmp_path / "two_ranks.zarr"
-    r = _torchrun(tmp_path, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
+    r = _launch(tmp_path, torchrun, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
     assert r.returncode == 0, r.stderr[-3000:]
-    _assert_same_cache(reference_cache, str(out))
+    _assert_same_cache(reference_cache, str(out), assert_same_caches)
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # the job's totals, printed once: 12 images x 2 views in 12 shards
     assert summaries[0]["items"] == 24 and summaries[0]["written_shards"] == 12 and summaries[0]["ranks"] == 2
 
 
 def test_killed_two_rank_run_resumes_with_one_process(tmp_path, reference_cache, tiny_model_toml,
-                                                      tiny_teacher_checkpoint, tiny_shapes):
+                                                      tiny_teacher_checkpoint, tiny_shapes, torchrun,
+                                                      assert_same_caches):
     out = tmp_path / "killed.zarr"
-    r = _torchrun(tmp_path, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out),
-                  env={"KILL_AFTER_SHARDS": "1"})
+    r = _launch(tmp_path, torchrun, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out),
+                env={"KILL_AFTER_SHARDS": "1"})
     assert r.returncode != 0  # a rank died mid-run
     partial = TeacherCache(str(out), allow_incomplete=True)
     done = partial.inspect()["shards_done"]
@@ -94,20 +73,17 @@ def test_killed_two_rank_run_resumes_with_one_process(tmp_path, reference_cache,
                                      data=str(tiny_shapes), out=str(out), codec="fp32", proposals=20,
                                      items_per_shard=2, batch_size=1, workers=0, progress=False))
     assert summary["complete"] and summary["written_shards"] == partial.layout.num_shards - done
-    _assert_same_cache(reference_cache, str(out))
+    _assert_same_cache(reference_cache, str(out), assert_same_caches)
 
 
-def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes, torchrun):
     """torchrun + gloo: DistributedDataParallel over (student, adapters), each rank reading its
     own part of the same cache; rank 0 alone logs (losses averaged over ranks) and checkpoints."""
     cache = tiny_cache("fp16", False)
     out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-              "defeat_cache", "train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes),
-              "--out", str(out), "--cache", str(cache), "--distill", "defeat", "--max-iters", "3",
-              "--batch-size", "2", "--workers", "0", "--log-every", "1"]
-    r = subprocess.run(launch, capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(["-m", "defeat_cache", "train", "--student", tiny_student_toml, "--data", tiny_shapes,
+                  "--out", out, "--cache", cache, "--distill", "defeat", "--max-iters", "3",
+                  "--batch-size", "2", "--workers", "0", "--log-every", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["iterations"] == 3  # one rank reports
@@ -134,7 +110,7 @@ def _weight_deltas(run: Path, init: dict) -> dict:
 
 
 def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_toml, tiny_model_toml,
-                                                       tiny_teacher_checkpoint):
+                                                       tiny_teacher_checkpoint, torchrun):
     """torchrun --nproc_per_node=2, 2 images per rank == one process with 4 images per step.
 
     Same init, same global batches (the ViewSampler's strides), per-image sampling seeds and
@@ -159,11 +135,9 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
                   workers=0, log_every=1, progress=False, distill=load_preset("defeat"))
 
     def two_ranks(out: Path, *extra: str) -> None:
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "defeat_cache", "train", "--student", str(student), "--data", str(data), "--out",
-                            str(out), "--cache", str(cache), "--distill", "defeat", "--max-iters", "3",
-                            "--warmup-iters", "0", "--batch-size", "2", "--workers", "0", "--log-every", "1", *extra],
-                           capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = torchrun(["-m", "defeat_cache", "train", "--student", student, "--data", data, "--out", out,
+                      "--cache", cache, "--distill", "defeat", "--max-iters", "3", "--warmup-iters", "0",
+                      "--batch-size", "2", "--workers", "0", "--log-every", "1", *extra])
         assert r.returncode == 0, r.stderr[-3000:]
 
     train(TrainOptions(out=str(tmp_path / "single"), batch_size=4, max_iters=3, **common))
@@ -220,7 +194,7 @@ EVAL_LAUNCHER = textwrap.dedent("""
 """)
 
 
-def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoint, tiny_shapes):
+def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoint, tiny_shapes, torchrun):
     """Each rank predicts its stride of the images; rank 0 gathers, scores and prints once."""
 
     import torch
@@ -231,9 +205,7 @@ def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoin
 
     script, dump = tmp_path / "eval.py", tmp_path / "gathered.pt"
     script.write_text(EVAL_LAUNCHER)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tiny_trained_checkpoint), str(tiny_shapes), str(dump)],
-                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun([script, tiny_trained_checkpoint, tiny_shapes, dump])
     assert r.returncode == 0, r.stderr[-3000:]
     printed = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 0 alone prints the metrics
@@ -277,19 +249,16 @@ FAULT_LAUNCHER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fault", ["sigint", "nan"])
-def test_a_fault_on_one_rank_stops_every_rank_cleanly(tmp_path, fault, tiny_model_toml, tiny_shapes):
+def test_a_fault_on_one_rank_stops_every_rank_cleanly(tmp_path, fault, tiny_model_toml, tiny_shapes, torchrun):
     """Ranks agree once per step: a Ctrl-C that reached rank 1 only stops both after the same
     step (checkpoint written, resumable); a NaN loss on rank 1 only ends both with the error,
     instead of one rank waiting in a collective the other never joins."""
     script = tmp_path / "fault.py"
     script.write_text(FAULT_LAUNCHER)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "train", "--student", str(tiny_model_toml), "--data", str(tiny_shapes),
-                        "--out", str(out), "--max-iters", "5", "--batch-size", "1", "--workers", "0",
-                        "--log-every", "1"],
-                       capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault})
+    r = torchrun([script, "train", "--student", tiny_model_toml, "--data", tiny_shapes, "--out", out,
+                  "--max-iters", "5", "--batch-size", "1", "--workers", "0", "--log-every", "1"],
+                 env={"FAULT": fault}, timeout=180)
     from defeat_cache.models.checkpoint import read_checkpoint
     if fault == "sigint":
         assert r.returncode == 0, r.stderr[-3000:]

@@ -134,11 +134,14 @@ def _batch(seed: int = 0):
     return images, targets
 
 
+def _train_mode_detector(which: str, frcnn_toml, retina_toml):
+    torch.manual_seed(0)
+    return build_detector(str(frcnn_toml if which == "frcnn" else retina_toml), 4).train()
+
+
 @pytest.mark.parametrize("which", ["frcnn", "retina"])
 def test_train_forward_losses(which, tiny_model_toml, tiny_retina_toml):
-    toml = tiny_model_toml if which == "frcnn" else tiny_retina_toml
-    torch.manual_seed(0)
-    model = build_detector(str(toml), 4).train()
+    model = _train_mode_detector(which, tiny_model_toml, tiny_retina_toml)
     images, targets = _batch()
     out = detector_forward(model, images, targets)
     assert set(out.losses) == (FRCNN_LOSSES if which == "frcnn" else RETINA_LOSSES)
@@ -155,9 +158,7 @@ def test_train_forward_losses(which, tiny_model_toml, tiny_retina_toml):
 
 @pytest.mark.parametrize("which", ["frcnn", "retina"])
 def test_detector_forward_equals_model_forward(which, tiny_model_toml, tiny_retina_toml):
-    toml = tiny_model_toml if which == "frcnn" else tiny_retina_toml
-    torch.manual_seed(0)
-    model = build_detector(str(toml), 4).train()
+    model = _train_mode_detector(which, tiny_model_toml, tiny_retina_toml)
     images, targets = _batch()
     torch.manual_seed(123)
     ours = detector_forward(model, images, [dict(t) for t in targets]).losses

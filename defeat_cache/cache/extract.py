@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed as du
-from ..data.dataset import ViewDataset, load_dataset
+from ..data.dataset import ViewDataset, check_batch, collate, load_dataset
 from ..data.records import DataError, DetectionData
 from ..models.checkpoint import file_sha256, load_weights
 from ..models.teacher import teacher_outputs
@@ -106,7 +106,7 @@ def provenance(spec: ModelSpec, checkpoint_sha: str, data: DetectionData, pre: P
 
 
 class _ItemDataset(Dataset):
-    """Cache item index -> model input; errors come back as values so the message stays one line."""
+    """Cache item index -> model input (errors come back as values, see ViewDataset)."""
 
     def __init__(self, views_ds: ViewDataset, num_views: int):
         self.views_ds, self.num_views = views_ds, num_views
@@ -115,16 +115,9 @@ class _ItemDataset(Dataset):
         return len(self.views_ds) * self.num_views
 
     def __getitem__(self, item: int):
-        try:
-            sample = self.views_ds.sample(item // self.num_views, item % self.num_views)
-        except DataError as e:
-            return {"item": item, "error": str(e)}
+        sample = self.views_ds[(item // self.num_views, item % self.num_views)]
         sample["item"] = item
         return sample
-
-
-def _collate(samples):
-    return samples
 
 
 class _ShardWriterThread:
@@ -216,7 +209,7 @@ def extract(opts: ExtractOptions) -> dict:
     teacher = _prepare_teacher(spec, opts.checkpoint, data.num_classes, device)
     dataset = _ItemDataset(ViewDataset(data, pre, views), len(views))
     order = [i for s in pending for i in writer.shard_items(s)]
-    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=_collate,
+    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
     bar = progress(len(order), "extract", enabled=opts.progress)
@@ -227,10 +220,7 @@ def extract(opts: ExtractOptions) -> dict:
     use_amp = opts.amp and device.type == "cuda"
     try:
         for batch in loader:
-            for s in batch:
-                if "error" in s:
-                    raise DataError(s["error"])
-            images = [s["image"].to(device, non_blocking=True) for s in batch]
+            images = [s["image"].to(device, non_blocking=True) for s in check_batch(batch)]
             with torch.autocast(device.type, enabled=use_amp):
                 outs = teacher_outputs(teacher, images, [s["boxes"] for s in batch], opts.proposals,
                                        opts.pre_nms_top_n, opts.backbone)
@@ -257,8 +247,7 @@ def extract(opts: ExtractOptions) -> dict:
     du.barrier()
     complete = writer.mark_complete() if du.is_main_process() else False
     # under torchrun the one summary line is the job's: all ranks' items over the slowest rank's time
-    job = du.job_totals({"items": len(order), "shards": written[0]}, {"seconds": time.time() - start},
-                        device if device.type == "cuda" else torch.device("cpu"))
+    job = du.job_totals({"items": len(order), "shards": written[0]}, {"seconds": time.time() - start}, device)
     items, shards, seconds = int(job["items"]), int(job["shards"]), job["seconds"]
     summary = {"out": opts.out, "complete": complete, "written_shards": shards, "items": items,
                "seconds": round(seconds, 1), "items_per_s": round(items / max(seconds, 1e-9), 2),

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from ..cache.store import CacheError, TeacherCache
 from ..data.dataset import ViewDataset
 from ..data.records import DataError, DetectionData
 from ..models.checkpoint import load_weights
@@ -48,7 +49,6 @@ class CachedViewDataset(ViewDataset):
         self.cache = cache
 
     def sample(self, image_index: int, view_index: int) -> dict:
-        from ..cache.store import CacheError
         s = super().sample(image_index, view_index)
         try:
             item = self.cache.read(image_index * len(self.views) + view_index)
@@ -67,7 +67,6 @@ class CacheSource:
     """Teacher outputs read from a cache; refuses a cache that does not fit the run."""
 
     def __init__(self, path: str, data: DetectionData, student: ModelSpec, storage_options: dict | None = None):
-        from ..cache.store import TeacherCache
         self.cache = TeacherCache(path, storage_options=storage_options)
         prov = self.cache.provenance()
         ds = prov.get("dataset", {})

@@ -7,7 +7,6 @@ device; batch helpers return [B, H, W] per level. Level index 0 is the finest le
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch

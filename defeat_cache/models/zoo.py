@@ -6,7 +6,6 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN, RetinaNet
