@@ -93,19 +93,8 @@ def _as_bhw(t: Tensor, like: Tensor, name: str) -> Tensor:
     return t
 
 
-def feature_loss_terms(
-    student: Tensor, teacher: Tensor, mask: Tensor, valid: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor]:
-    """Unweighted (L_obj, L_bg) of one level, normalised over the whole batch.
-
-    student, teacher: [B, C, H, W] (student already adapted; teacher detached here).
-    mask: [B, H, W] (or [H, W]) in [0, 1], may be real-valued.
-    valid: [B, H, W] bool/float or None (= all valid). Invalid cells are in neither sum nor count.
-
-    L_obj = sum(M * E) / max(1, 2 * C * sum_bhw M),
-    L_bg  = sum((1 - M) * E) / max(1, 2 * C * sum_bhw (1 - M)),  E = (S - T)^2.
-    Under DDP the batch is the global batch (`distributed.batch_normaliser`).
-    """
+def _feature_sums(student: Tensor, teacher: Tensor, mask: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """([sum(M * E), sum((1 - M) * E)], [2 C sum M, 2 C sum (1 - M)]) of one level (see feature_loss_terms)."""
     if student.dim() != 4:
         raise ValueError(f"student must be [B, C, H, W], got {tuple(student.shape)}")
     teacher = teacher.detach()
@@ -123,10 +112,26 @@ def feature_loss_terms(
         bg_w = bg_w * v
     # per-cell squared error summed over channels: [B, H, W]
     e = (s - t).pow(2).sum(dim=1)
-    n_obj = (2.0 * C) * obj_w.sum()
-    n_bg = (2.0 * C) * bg_w.sum()
-    l_obj = (obj_w * e).sum() / batch_normaliser(n_obj)
-    l_bg = (bg_w * e).sum() / batch_normaliser(n_bg)
+    sums = torch.stack([(obj_w * e).sum(), (bg_w * e).sum()])
+    counts = (2.0 * C) * torch.stack([obj_w.sum(), bg_w.sum()])
+    return sums, counts
+
+
+def feature_loss_terms(
+    student: Tensor, teacher: Tensor, mask: Tensor, valid: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Unweighted (L_obj, L_bg) of one level, normalised over the whole batch.
+
+    student, teacher: [B, C, H, W] (student already adapted; teacher detached here).
+    mask: [B, H, W] (or [H, W]) in [0, 1], may be real-valued.
+    valid: [B, H, W] bool/float or None (= all valid). Invalid cells are in neither sum nor count.
+
+    L_obj = sum(M * E) / max(1, 2 * C * sum_bhw M),
+    L_bg  = sum((1 - M) * E) / max(1, 2 * C * sum_bhw (1 - M)),  E = (S - T)^2.
+    Under DDP the batch is the global batch (`distributed.batch_normaliser`).
+    """
+    sums, counts = _feature_sums(student, teacher, mask, valid)
+    l_obj, l_bg = sums / batch_normaliser(counts)
     return l_obj, l_bg
 
 
@@ -166,14 +171,12 @@ def neck_distill_loss(
     valids = list(valids)
     if len(valids) != L:
         raise ValueError(f"got {len(valids)} valid masks for {L} levels")
-    objs, bgs = [], []
-    for s, t, m, v in zip(students, teachers, masks, valids):
-        l_obj, l_bg = feature_loss_terms(s, t, m, v)
-        objs.append(l_obj)
-        bgs.append(l_bg)
+    sums, counts = zip(*(_feature_sums(s, t, m, v) for s, t, m, v in zip(students, teachers, masks, valids)))
+    # one normaliser call for all levels: under DDP that is one all-reduce per step, not 2 per level
+    terms = torch.stack(sums) / batch_normaliser(torch.stack(counts))  # [L, 2]: (L_obj, L_bg) per level
     return {
-        "loss_neck_obj": alpha_obj * torch.stack(objs).mean(),
-        "loss_neck_bg": alpha_bg * torch.stack(bgs).mean(),
+        "loss_neck_obj": alpha_obj * terms[:, 0].mean(),
+        "loss_neck_bg": alpha_bg * terms[:, 1].mean(),
     }
 
 
@@ -193,11 +196,10 @@ def kl_div_with_temperature(student_logits: Tensor, teacher_logits: Tensor, T: f
     return (T * T) * (pt * (log_pt - log_ps)).sum(dim=-1)
 
 
-def _masked_mean_kl(zs: Tensor, zt: Tensor, sel: Tensor, T: float) -> Tensor:
+def _masked_kl_sum(zs: Tensor, zt: Tensor, sel: Tensor, T: float) -> Tensor:
     # Indexing with an all-False mask gives an empty tensor still attached to the graph,
     # so the result is an exact, connected 0 when nothing is selected.
-    kl = kl_div_with_temperature(zs[sel], zt[sel], T)
-    return kl.sum() / batch_normaliser(sel.sum())
+    return kl_div_with_temperature(zs[sel], zt[sel], T).sum()
 
 
 def cls_kd_terms(
@@ -217,8 +219,9 @@ def cls_kd_terms(
     pos = positive.to(device=student_logits.device).bool().reshape(-1)
     if pos.numel() != student_logits.shape[0]:
         raise ValueError(f"positive has {pos.numel()} entries for {student_logits.shape[0]} RoIs")
-    l_pos = _masked_mean_kl(student_logits, teacher_logits, pos, t_obj)
-    l_neg = _masked_mean_kl(student_logits, teacher_logits, ~pos, t_bg)
+    sums = torch.stack([_masked_kl_sum(student_logits, teacher_logits, pos, t_obj),
+                        _masked_kl_sum(student_logits, teacher_logits, ~pos, t_bg)])
+    l_pos, l_neg = sums / batch_normaliser(torch.stack([pos.sum(), (~pos).sum()]))
     return {"loss_cls_pos": beta_obj * l_pos, "loss_cls_neg": beta_bg * l_neg}
 
 
