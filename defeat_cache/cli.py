@@ -17,11 +17,11 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .cache.store import CacheError
-        from .data.records import DataError
         from .distributed import cleanup
+        from .errors import UserError
         try:
             return fn(*args, **kwargs)
-        except (DataError, CacheError, FileNotFoundError, FloatingPointError) as e:
+        except (UserError, CacheError, FileNotFoundError, FloatingPointError) as e:
             raise click.ClickException(str(e)) from None
         finally:
             cleanup()  # under torchrun: leave the process group (NCCL warns otherwise)

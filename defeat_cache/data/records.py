@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A user-facing problem with a dataset file; the message names the file and the fix."""
 
 
