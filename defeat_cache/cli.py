@@ -16,7 +16,7 @@ def _user_errors(fn):
     """User mistakes (bad paths, configs, caches) end in one clear `Error:` line and exit code 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .cache.store import CacheError
+        from .cache.errors import CacheError
         from .distributed import cleanup
         from .errors import UserError
         try:
@@ -37,7 +37,7 @@ def _storage_option(fn):
 
 
 def _storage_options(pairs) -> dict | None:
-    from .cache.store import parse_storage_options
+    from .cache.storage import parse_storage_options
     return parse_storage_options(pairs) or None
 
 
@@ -194,7 +194,7 @@ def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, propos
 @_user_errors
 def inspect_cmd(cache, as_json, storage_option):
     """Show a cache's manifest, completeness, sizes per array and per image, and level shapes."""
-    from .cache.store import TeacherCache
+    from .cache.reader import TeacherCache
     info = TeacherCache(cache, storage_options=_storage_options(storage_option), allow_incomplete=True).inspect()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -220,7 +220,7 @@ def inspect_cmd(cache, as_json, storage_option):
 @_user_errors
 def verify_cmd(cache, storage_option):
     """Read every chunk: checksums, finiteness, completeness. Exit code 0 only if the cache is clean."""
-    from .cache.store import TeacherCache
+    from .cache.reader import TeacherCache
     from .progress import progress
     c = TeacherCache(cache, storage_options=_storage_options(storage_option), allow_incomplete=True)
     bar = progress(0, "verify", unit="shard")

@@ -14,8 +14,8 @@ Measures, on the synthetic shapes dataset and a CPU-scale teacher (r18_fpn_cpu b
                    images (the bare forward's outputs): bytes per (image, view) stored in a real
                    cache with the extracted layout (CacheWriter + TeacherCache.inspect), relative
                    L2 error of TeacherCache.read overall and per level, encode / decode MB/s (of
-                   float32 values) from ``defeat_cache.cache.store.measure_codec``, plus an
-                   extrapolation to COCO train2017 with r152_fpn at 800x1216.
+                   float32 values) from ``defeat_cache.cache.codec_bench.measure_codec``, plus an
+                   extrapolation to COCO train2017 with r152_fpn at 800x1216 (bench_extract_codecs.py).
 * read_throughput  whole items read via ``TeacherCache.read`` from the fp16 cache just written,
                    shuffled, through a DataLoader with num_workers 0, 1, 2.
 * padding_effect   relative L2 change of the teacher's FPN features inside an image's own canvas
@@ -29,118 +29,18 @@ usage: python pipeline/bench_extract.py [--images 96] [--json out.json] [--teach
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import shlex
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_TEACHER = REPO / "out" / "quickstart" / "teacher" / "final.pt"
-CODEC_NAMES = ("fp32", "fp16", "bf16", "int8")
-COCO_TRAIN_IMAGES = 118287
-COCO_CANVAS = (800, 1216)  # average padded canvas at shorter side 800, max 1333
-COCO_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
-COCO_CHANNELS = 256
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def command_line() -> str:
-    return shlex.join([sys.executable, *sys.argv])
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def emit(result: dict, json_path: str | None) -> None:
-    text = json.dumps(result, sort_keys=False)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-# --------------------------------------------------------------------------- shared setup
-def add_common_args(ap: argparse.ArgumentParser, images: int) -> None:
-    """The options every pipeline/bench_*.py script takes."""
-    ap.add_argument("--images", type=int, default=images, help="synthetic train images (x views = items)")
-    ap.add_argument("--teacher", default="r18_fpn_cpu")
-    ap.add_argument("--teacher-checkpoint", default=None,
-                    help="teacher weights; default out/quickstart/teacher/final.pt if present, else random init")
-    ap.add_argument("--work", default=None, help="work folder (kept); default a temp folder, removed")
-    ap.add_argument("--json", default=None, help="also write the JSON result here")
-
-
-@contextmanager
-def work_folder(given: str | None, prefix: str):
-    """`given` (created, kept), else a temporary folder removed at the end."""
-    work = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        yield work
-    finally:
-        if not given:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def make_dataset(work: Path, num_train: int, seed: int = 0) -> Path:
-    """The synthetic shapes dataset (idempotent: reused when the same parameters exist)."""
-    from defeat_cache.data.shapes import generate_shapes
-    t0 = time.perf_counter()
-    toml = generate_shapes(work / "data", num_train=num_train, num_val=8, seed=seed, progress=True)
-    log(f"dataset: {num_train} train images at {toml} ({time.perf_counter() - t0:.1f}s)")
-    return toml
-
-
-def resolve_teacher_checkpoint(given: str | None, teacher: str, data_toml: Path, work: Path,
-                               seed: int = 0) -> tuple[str, str]:
-    """(checkpoint path, what it is): --teacher-checkpoint, else the quickstart's trained teacher,
-    else a randomly initialised teacher saved to WORK (random weights give unrealistic feature
-    statistics: codec errors and compression ratios are only indicative then)."""
-    if given:
-        if not Path(given).is_file():
-            raise SystemExit(f"--teacher-checkpoint {given}: file not found")
-        return str(Path(given).resolve()), "given (--teacher-checkpoint)"
-    if QUICKSTART_TEACHER.is_file():
-        return str(QUICKSTART_TEACHER), "trained (out/quickstart/teacher/final.pt)"
-    import torch
-    from defeat_cache.data.dataset import load_dataset
-    from defeat_cache.models.zoo import build_detector
-    path = work / f"{teacher}_random_seed{seed}.pt"
-    if not path.is_file():
-        torch.manual_seed(seed)
-        model = build_detector(teacher, load_dataset(data_toml, "train").num_classes)
-        torch.save(model.state_dict(), path)
-    log(f"no trained teacher given and {QUICKSTART_TEACHER} absent: using a RANDOMLY initialised "
-        f"{teacher} ({path})")
-    return str(path), f"random init (seed {seed}); pass --teacher-checkpoint for realistic features"
-
-
-def load_teacher(name: str, checkpoint: str, num_classes: int, device):
-    from defeat_cache.models.checkpoint import load_weights
-    from defeat_cache.models.zoo import build_detector
-    model = build_detector(name, num_classes)
-    load_weights(model, checkpoint, backbone_only=False)
-    return model.eval().to(device).requires_grad_(False)
-
-
-def coco_level_shapes() -> list[tuple[int, int]]:
-    h, w = COCO_CANVAS
-    return [(math.ceil(h / s), math.ceil(w / s)) for s in COCO_STRIDES]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (add_common_args, command_line, emit, loadavg, load_teacher, log,  # noqa: E402
+                          make_dataset, resolve_teacher_checkpoint, work_folder)
+from bench_extract_codecs import CODEC_NAMES, coco_extrapolation, measure_codecs, real_layout_codecs  # noqa: E402
 
 
 # --------------------------------------------------------------------------- measurements
@@ -169,208 +69,12 @@ def bare_forward(teacher, samples: list[dict], batch_size: int, proposals: int, 
     return seconds, outs
 
 
-def _cache_item(sample: dict, out):
-    from defeat_cache.cache.store import CacheItem
-    g = sample["geometry"]
-    return CacheItem(image_index=sample["image_index"], view_index=sample["view_index"], image_size=g.image_size,
-                     canvas_size=g.canvas_size, features=[f.cpu() for f in out.features],
-                     proposals=out.proposals.cpu(), objectness=out.objectness.cpu(),
-                     proposal_logits=out.proposal_logits.cpu(), gt_boxes=out.gt_boxes.cpu(),
-                     gt_logits=out.gt_logits.cpu())
-
-
-def _max_abs_diff(a, b) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return float((a - b).abs().max()) if a.numel() else 0.0
-
-
-def real_layout_codecs(template_cache: str, samples: list[dict], outs: list, codecs, work: Path,
-                       level_names: list[str]) -> dict:
-    """Writes the bare forward's outputs into one real cache per codec (the extracted cache's
-    layout and provenance, codec swapped, CacheWriter.write_shard as extract does), then reads
-    every item back with TeacherCache.read.  Gives the bytes the cache really stores per view
-    (edge tiles zero-padded to the layout's max extent included) and the end-to-end error."""
-    import torch
-    from defeat_cache.cache.store import CacheLayout, CacheWriter, TeacherCache
-    src = TeacherCache(template_cache)
-    prov = src.provenance()
-    res = {}
-    extracted_codec = src.layout.codec
-    for name in codecs:
-        layout = CacheLayout.from_dict({**src.layout.to_dict(), "codec": name})
-        path = work / f"cache_{name}_rewrite.zarr"
-        if path.exists():
-            shutil.rmtree(path)
-        writer = CacheWriter.create_or_resume(str(path), prov, layout, create=True)
-        t_write = 0.0
-        for s in range(layout.num_shards):
-            items = [_cache_item(samples[i], outs[i]) for i in writer.shard_items(s)]
-            t0 = time.perf_counter()
-            writer.write_shard(s, items)
-            t_write += time.perf_counter() - t0
-        writer.mark_complete()
-        cache = TeacherCache(str(path))
-        ins = cache.inspect()
-        err_sq = [0.0] * len(level_names)
-        ref_sq = [0.0] * len(level_names)
-        raw = 0
-        t_read = 0.0
-        feat_diff, same_props = 0.0, 0
-        for i in range(len(cache)):
-            t0 = time.perf_counter()
-            item = cache.read(i)
-            t_read += time.perf_counter() - t0
-            if name == extracted_codec:  # the extracted cache should hold the same values (up to float noise)
-                ext = src.read(i)
-                feat_diff = max([feat_diff] + [_max_abs_diff(a, b) for a, b in zip(item.features, ext.features)])
-                same_props += int(_max_abs_diff(item.proposals, ext.proposals) <= 1e-3)
-            for li, (got, ref) in enumerate(zip(item.features, outs[i].features)):
-                ref = ref.cpu().double()
-                err_sq[li] += float(torch.sum((got.double() - ref) ** 2))
-                ref_sq[li] += float(torch.sum(ref ** 2))
-                raw += ref.numel() * 4
-        n = len(cache)
-        own_values = tiled_values = 0
-        for o in outs:
-            for f, spec in zip(o.features, layout.feature_levels):
-                C, h, w = f.shape
-                th, tw = spec.tile
-                own_values += C * h * w
-                tiled_values += C * math.ceil(h / th) * th * math.ceil(w / tw) * tw
-        params = (ins["arrays"].get("params") or {}).get("bytes_per_item") or 0.0
-        res[name] = {
-            "bytes_per_view": round(ins["feature_bytes_per_item"] + params, 1),
-            "feature_bytes_per_view": round(ins["feature_bytes_per_item"], 1),
-            "params_bytes_per_view": round(params, 1),
-            "all_arrays_bytes_per_view": round(ins["bytes_per_item"], 1),
-            "rel_l2": float(f"{math.sqrt(sum(err_sq) / max(sum(ref_sq), 1e-300)):.4g}"),
-            "rel_l2_per_level": {lv: float(f"{math.sqrt(e / max(r, 1e-300)):.4g}")
-                                 for lv, e, r in zip(level_names, err_sq, ref_sq)},
-            "write_MBps": round(raw / t_write / 1e6, 1),
-            "read_MBps": round(raw / t_read / 1e6, 1),
-            "read_items_per_s": round(n / t_read, 1),
-            "tiled_over_own_values": round(tiled_values / own_values, 4),
-        }
-        if name == extracted_codec:
-            res[name]["vs_extracted_cache"] = {"features_max_abs_diff": feat_diff,
-                                               "items_with_same_proposals": f"{same_props}/{n}"}
-        shutil.rmtree(path, ignore_errors=True)
-    return res
-
-
-def measure_codecs(features: list[list], codecs, repeats: int, level_names: list[str]) -> dict:
-    """measure_codec per group of items that share level shapes, aggregated exactly:
-    bytes and times are summed, relative L2 errors recombined from per-group norms."""
-    import numpy as np
-    import zarr
-    from defeat_cache.cache.codecs import get_codec, small_array_compressors
-    from defeat_cache.cache.store import measure_codec
-
-    groups: dict[tuple, list[int]] = {}
-    for i, fs in enumerate(features):
-        groups.setdefault(tuple(tuple(f.shape) for f in fs), []).append(i)
-    stacked = []
-    for shapes, idx in groups.items():
-        levels = [np.stack([features[i][li].numpy() for i in idx]).astype(np.float32) for li in range(len(shapes))]
-        norms = [float(np.linalg.norm(lv.astype(np.float64).ravel())) for lv in levels]
-        stacked.append((idx, levels, norms))
-    values_per_item = sum(f.numel() for fs in features for f in fs) / len(features)
-    out = {}
-    for name in codecs:
-        codec = get_codec(name)
-        t_enc = t_dec = 0.0
-        feat_bytes = params_bytes = raw = 0.0
-        err_sq = [0.0] * len(level_names)
-        ref_sq = [0.0] * len(level_names)
-        for idx, levels, norms in stacked:
-            r = measure_codec(name, levels, repeats=repeats)
-            B = len(idx)
-            group_raw = r["fp32_bytes_per_item"] * B
-            raw += group_raw
-            t_enc += group_raw / (r["encode_MBps"] * 1e6)
-            t_dec += group_raw / (r["decode_MBps"] * 1e6)
-            total = r["bytes_per_item"] * B
-            pb = 0.0
-            if codec.has_params:  # size the params array alone, as the cache stores it
-                prm = np.concatenate([codec.encode(lv)[1] for lv in levels], axis=1)
-                T = prm.shape[1]
-                arr = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3).create_array(
-                    "params", shape=prm.shape, dtype="float32", chunks=(1, T, prm.shape[2]),
-                    shards=prm.shape, compressors=small_array_compressors())
-                arr[:] = prm
-                pb = float(arr.nbytes_stored())
-            params_bytes += pb
-            feat_bytes += total - pb
-            for li, key in enumerate(sorted(r["rel_l2_error"], key=lambda k: int(k[1:]))):
-                err_sq[li] += (r["rel_l2_error"][key] * norms[li]) ** 2
-                ref_sq[li] += norms[li] ** 2
-        n = len(features)
-        per_level = {lv: math.sqrt(e / max(s, 1e-300)) for lv, e, s in zip(level_names, err_sq, ref_sq)}
-        out[name] = {
-            "bytes_per_view": round((feat_bytes + params_bytes) / n, 1),
-            "params_bytes_per_view": round(params_bytes / n, 1),
-            "feature_bytes_per_value": round(feat_bytes / n / values_per_item, 4),
-            "rel_l2": float(f"{math.sqrt(sum(err_sq) / max(sum(ref_sq), 1e-300)):.4g}"),
-            "rel_l2_per_level": {k: float(f"{v:.4g}") for k, v in per_level.items()},
-            "encode_MBps": round(raw / t_enc / 1e6, 1),
-            "decode_MBps": round(raw / t_dec / 1e6, 1),
-        }
-    return {"items": len(features), "values_per_view": int(values_per_item), "groups": len(groups),
-            "repeats": repeats, "by_codec": out}
-
-
-def coco_extrapolation(codecs: dict, views: int) -> dict:
-    """COCO bytes per image view from each codec's measured bytes per value.
-
-    lower: the features' own extent only (measure_codec: what the values themselves compress to).
-    tiled_upper: every inner tile that overlaps the image stored in full, its zero padding
-    costing as much as data (the cache pads items to the layout's max extent and stores every
-    tile touching the image; COCO holds both orientations, so max canvas 1344x1344, tiles
-    min(64, max extent)).  estimate: zero padding at the relative cost measured on this
-    benchmark's own data (`zero_padding_cost_here`)."""
-    shapes = coco_level_shapes()
-    values = COCO_CHANNELS * sum(h * w for h, w in shapes)
-    max_canvas = (1344, 1344)
-    covered = 0
-    for (h, w), s in zip(shapes, COCO_STRIDES):
-        th, tw = min(64, math.ceil(max_canvas[0] / s)), min(64, math.ceil(max_canvas[1] / s))
-        covered += math.ceil(h / th) * th * math.ceil(w / tw) * tw
-    tiled_values = COCO_CHANNELS * covered
-    out = {"model": "r152_fpn", "canvas_hw": list(COCO_CANVAS), "channels": COCO_CHANNELS,
-           "levels": {f"p{i + 2}": list(hw) for i, hw in enumerate(shapes)},
-           "values_per_view": values, "tiled_values_per_view": tiled_values, "images": COCO_TRAIN_IMAGES,
-           "method": "each codec's feature bytes/value measured on THIS teacher's features (own extent, "
-                     "measure_codec) x COCO values per view (+ int8 params: 256 ch x 5 levels x 2 float32); "
-                     "tiled_upper also counts the zero padding of edge tiles at full cost; estimate counts it "
-                     "at the zero_padding_cost measured here (stored bytes of a padded value / a data value). CPU-scale "
-                     "features may compress differently from r152 COCO features: re-measure there.",
-           "by_codec": {}}
-    for name, c in codecs.items():
-        per_value = c["own_extent_feature_bytes_per_value"]
-        params = COCO_CHANNELS * len(shapes) * 2 * 4 if c.get("params_bytes_per_view") else 0
-        lo = values * per_value + params
-        hi = tiled_values * per_value + params
-        zc = min(max(c.get("zero_padding_cost") or 0.0, 0.0), 1.0)
-        mid = values * per_value * (1 + zc * (tiled_values / values - 1)) + params
-        out["by_codec"][name] = {
-            "bytes_per_value": per_value,
-            "MB_per_image_view": round(lo / 1e6, 2), "TB_per_view": round(lo * COCO_TRAIN_IMAGES / 1e12, 3),
-            f"TB_{views}_views": round(lo * COCO_TRAIN_IMAGES * views / 1e12, 3),
-            "MB_per_image_view_estimate": round(mid / 1e6, 2),
-            "TB_per_view_estimate": round(mid * COCO_TRAIN_IMAGES / 1e12, 3),
-            "MB_per_image_view_tiled_upper": round(hi / 1e6, 2),
-            "TB_per_view_tiled_upper": round(hi * COCO_TRAIN_IMAGES / 1e12, 3),
-            "zero_padding_cost_here": c.get("zero_padding_cost"),
-        }
-    return out
-
 
 class _ReadItems:
-    """Map-style dataset: item index -> decoded CacheItem (opens the store lazily per process)."""
+    """Map-style dataset: item index -> decoded TeacherOutput (opens the store lazily per process)."""
 
     def __init__(self, path: str):
-        from defeat_cache.cache.store import TeacherCache
+        from defeat_cache.cache import TeacherCache
         self.cache = TeacherCache(path)
 
     def __len__(self):
@@ -517,7 +221,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     from defeat_cache.cache.extract import ExtractOptions, extract, feature_level_names
-    from defeat_cache.cache.store import TeacherCache
+    from defeat_cache.cache import TeacherCache, image_view
     from defeat_cache.data.dataset import ViewDataset, load_dataset
     from defeat_cache.models.zoo import load_model_spec
     from defeat_cache.views import ViewSet
@@ -540,7 +244,7 @@ def main(argv=None) -> dict:
         # 1. bare teacher forward on pre-decoded inputs (same item order and batches as extract)
         log("decoding all (image, view) inputs into memory")
         vds = ViewDataset(data, spec.preprocessing, views)
-        samples = [vds.sample(i // len(views), i % len(views)) for i in range(len(data.records) * len(views))]
+        samples = [vds.sample(*image_view(i, len(views))) for i in range(len(data.records) * len(views))]
         teacher = load_teacher(args.teacher, ckpt, data.num_classes, device)
         cache_path = work / "cache_fp16.zarr"
         opts = ExtractOptions(teacher=args.teacher, checkpoint=ckpt, data=str(data_toml), out=str(cache_path),

@@ -31,8 +31,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
-                           resolve_teacher_checkpoint, work_folder)
+from bench_common import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
+                          resolve_teacher_checkpoint, work_folder)
 
 BUCKET = "bench"
 # werkzeug's access log; partial-content (range) lines come wrapped in colour codes
@@ -80,7 +80,7 @@ def read_throughput(url: str, storage_options: dict | None, workers: int, second
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from defeat_cache.cache.store import TeacherCache
+    from defeat_cache.cache import TeacherCache
 
     class Items(Dataset):
         def __init__(self):
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
         log(f"extract: local {ex_local['items_per_s']} items/s, s3 {ex_s3['items_per_s']} items/s; "
             f"{dict(written)} requests for {shards} shards")
 
-        from defeat_cache.cache.store import TeacherCache
+        from defeat_cache.cache import TeacherCache
         cache = TeacherCache(url, storage_options=options)
         before = server.requests()
         items = list(range(0, len(cache), max(1, len(cache) // 16)))

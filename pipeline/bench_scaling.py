@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
-                           resolve_teacher_checkpoint, work_folder)
+from bench_common import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
+                          resolve_teacher_checkpoint, work_folder)
 
 
 def _launcher(nproc: int) -> list[str]:
@@ -55,7 +55,7 @@ def _run(cmd: list[str], threads: int) -> tuple[dict, float]:
     return json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1]), wall
 
 
-def bench_extract(args, data: Path, ckpt: str, work: Path, nproc: int, threads: int) -> tuple[dict, str]:
+def time_extraction(args, data: Path, ckpt: str, work: Path, nproc: int, threads: int) -> tuple[dict, str]:
     out = work / f"cache_{nproc}x{threads}.zarr"
     shutil.rmtree(out, ignore_errors=True)
     cmd = _launcher(nproc) + ["extract", "--teacher", args.teacher, "--checkpoint", ckpt, "--data", str(data),
@@ -69,7 +69,7 @@ def bench_extract(args, data: Path, ckpt: str, work: Path, nproc: int, threads: 
             "wall_items_per_s": round(summary["items"] / wall, 2)}, str(out)
 
 
-def bench_train(args, data: Path, cache: str, work: Path, nproc: int, threads: int) -> dict:
+def time_training(args, data: Path, cache: str, work: Path, nproc: int, threads: int) -> dict:
     out = work / f"train_{nproc}x{threads}"
     shutil.rmtree(out, ignore_errors=True)
     distill = [] if args.preset == "none" else ["--cache", cache, "--distill", args.preset]
@@ -111,12 +111,12 @@ def main(argv=None) -> dict:
         data = make_dataset(work, args.images)
         ckpt, ckpt_kind = resolve_teacher_checkpoint(args.teacher_checkpoint, args.teacher, data, work)
         per_rank_threads = max(1, args.threads // args.nproc)
-        ex1, cache = bench_extract(args, data, ckpt, work, 1, args.threads)
-        ex1r, _ = bench_extract(args, data, ckpt, work, 1, per_rank_threads)
-        exn, _ = bench_extract(args, data, ckpt, work, args.nproc, per_rank_threads)
-        tr1 = bench_train(args, data, cache, work, 1, args.threads)
-        tr1r = bench_train(args, data, cache, work, 1, per_rank_threads)
-        trn = bench_train(args, data, cache, work, args.nproc, per_rank_threads)
+        ex1, cache = time_extraction(args, data, ckpt, work, 1, args.threads)
+        ex1r, _ = time_extraction(args, data, ckpt, work, 1, per_rank_threads)
+        exn, _ = time_extraction(args, data, ckpt, work, args.nproc, per_rank_threads)
+        tr1 = time_training(args, data, cache, work, 1, args.threads)
+        tr1r = time_training(args, data, cache, work, 1, per_rank_threads)
+        trn = time_training(args, data, cache, work, args.nproc, per_rank_threads)
         result = {
             "command": command_line(), "cpu_count": os.cpu_count(), "loadavg": loadavg(),
             "device": args.device, "teacher": args.teacher, "teacher_checkpoint": ckpt_kind,

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
-                           resolve_teacher_checkpoint, work_folder)
+from bench_common import (add_common_args, command_line, emit, loadavg, log, make_dataset,  # noqa: E402
+                          resolve_teacher_checkpoint, work_folder)
 
 MODES = ("plain", "cache", "online")
 PAPER_CANVAS = (800, 1216)

@@ -1,6 +1,7 @@
-"""Tests for the Zarr teacher cache (defeat_cache.cache.store / codecs)."""
+"""Tests for the Zarr teacher cache (defeat_cache.cache: layout, writer, reader, verify, codecs)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -8,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from defeat_cache.cache.codecs import CODECS
-from defeat_cache.cache.store import (
-    CacheItem,
+from defeat_cache.cache import (
     CacheLayout,
     CacheMismatchError,
     CacheWriter,
@@ -18,9 +17,15 @@ from defeat_cache.cache.store import (
     LevelSpec,
     NonFiniteError,
     NotACacheError,
+    ItemMeta,
     TeacherCache,
-    measure_codec,
+    image_view,
+    item_index,
+    meta_columns,
 )
+from defeat_cache.cache.codec_bench import measure_codec
+from defeat_cache.cache.codecs import CODECS
+from defeat_cache.models.teacher import TeacherOutput
 
 K = 5
 NUM_VIEWS = 2
@@ -44,7 +49,7 @@ def smooth(gen, c, h, w):
     return (x * scale + 0.02 * torch.randn(c, h, w, generator=gen)).float()
 
 
-def make_item(i: int, layout: CacheLayout, seed=0) -> CacheItem:
+def make_item(i: int, layout: CacheLayout, seed=0) -> TeacherOutput:
     gen = torch.Generator().manual_seed(seed * 1000 + i)
     # varied extents: full size for some items, smaller for others
     frac = [1.0, 0.55, 0.8, 0.3][i % 4]
@@ -59,8 +64,9 @@ def make_item(i: int, layout: CacheLayout, seed=0) -> CacheItem:
     n = [12, 7, 0, 3][i % 4]
     g = 0 if i % 3 == 0 else min(layout.max_gt, 1 + i % 4)
     H, W = feats[0].shape[1] * 4, feats[0].shape[2] * 4
-    return CacheItem(
-        image_index=i // NUM_VIEWS, view_index=i % NUM_VIEWS, image_size=(H - 3, W - 1), canvas_size=(H, W),
+    image, view = image_view(i, NUM_VIEWS)
+    return TeacherOutput(
+        image_index=image, view_index=view, image_size=(H - 3, W - 1), canvas_size=(H, W),
         features=feats, proposals=torch.rand(n, 4, generator=gen) * 50, objectness=torch.rand(n, generator=gen),
         proposal_logits=torch.randn(n, K, generator=gen), gt_boxes=torch.rand(g, 4, generator=gen) * 50,
         gt_logits=torch.randn(g, K, generator=gen), backbone_features=bb,
@@ -128,6 +134,33 @@ def test_int8_smaller_than_fp32(tmp_path):
         info = TeacherCache(tmp_path / codec).inspect()
         sizes[codec] = info["feature_bytes_per_item"]
     assert sizes["int8"] < 0.4 * sizes["fp32"], sizes
+
+
+def test_item_index_rule_and_meta_columns():
+    layout = make_layout(backbone=True)
+    for i in range(layout.num_items):
+        assert item_index(*image_view(i, NUM_VIEWS), NUM_VIEWS) == i
+        assert layout.item_index(*layout.image_view(i)) == i
+    assert layout.image_view(3) == (1, 1)
+    meta = ItemMeta(image_index=1, view_index=1, n_proposals=7, n_gt=2, image_size=(61, 79), canvas_size=(64, 80),
+                    extents=((16, 20), (8, 10), (4, 5), (8, 10)))
+    row = meta.to_row()
+    assert row.dtype == np.int64 and len(row) == len(meta_columns(layout))
+    named = dict(zip(meta_columns(layout), row.tolist()))
+    assert named["canvas_h"] == 64 and named["image_w"] == 79 and named["p3_w"] == 10 and named["backbone.c3_h"] == 8
+    assert ItemMeta.from_row(row) == meta and meta.written
+    assert not ItemMeta.from_row(np.zeros_like(row)).written
+
+
+def test_writer_needs_item_identity(tmp_path):
+    """A bare teacher output (as teacher_outputs returns it) has no item identity: refused."""
+    layout = make_layout()
+    w = CacheWriter.create_or_resume(tmp_path / "c.zarr", PROVENANCE, layout)
+    items = [make_item(i, layout) for i in w.shard_items(0)]
+    items[1] = dataclasses.replace(items[1], canvas_size=None)
+    with pytest.raises(ValueError, match="canvas_size must be set"):
+        w.write_shard(0, items)
+    assert w.pending_shards() == [0, 1, 2]
 
 
 def test_measure_codec_targets():
@@ -285,8 +318,9 @@ def test_padded_tiles_not_stored(tmp_path):
     gen = torch.Generator().manual_seed(0)
 
     def item(i, h, w_):
-        return CacheItem(i, 0, (h * 4, w_ * 4), (h * 4, w_ * 4), [smooth(gen, 4, h, w_) + 5], torch.zeros(0, 4),
-                         torch.zeros(0), torch.zeros(0, K), torch.zeros(0, 4), torch.zeros(0, K))
+        return TeacherOutput([smooth(gen, 4, h, w_) + 5], torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, K),
+                             torch.zeros(0, 4), torch.zeros(0, K),
+                             image_index=i, view_index=0, image_size=(h * 4, w_ * 4), canvas_size=(h * 4, w_ * 4))
 
     items = [item(0, 40, 30), item(1, 130, 70)]
     w.write_shard(0, items)

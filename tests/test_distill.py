@@ -430,7 +430,7 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
 
 # ------------------------------------------------------------------------------------ concurrent readers
 def test_concurrent_readers_read_identical_items(tiny_cache, data, student_spec):
-    from defeat_cache.cache.store import TeacherCache
+    from defeat_cache.cache import TeacherCache
     from defeat_cache.views import ViewSet
 
     path = tiny_cache("int8")

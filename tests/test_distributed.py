@@ -11,21 +11,21 @@ import pytest
 import zarr
 
 from defeat_cache.cache.extract import ExtractOptions, extract
-from defeat_cache.cache.store import TeacherCache
+from defeat_cache.cache import TeacherCache
 
 # A launcher that can die like a killed process (os._exit, no cleanup) after N written shards.
 LAUNCHER = textwrap.dedent("""
     import os, sys
-    from defeat_cache.cache import store
+    from defeat_cache.cache.writer import CacheWriter
     kill_after = int(os.environ.get("KILL_AFTER_SHARDS", "0"))
     if kill_after:
-        real, written = store.CacheWriter.write_shard, [0]
+        real, written = CacheWriter.write_shard, [0]
         def write_then_die(self, shard, items):
             real(self, shard, items)
             written[0] += 1
             if written[0] >= kill_after:
                 os._exit(9)
-        store.CacheWriter.write_shard = write_then_die
+        CacheWriter.write_shard = write_then_die
     from defeat_cache.cli import main
     main(sys.argv[1:], prog_name="defeat-cache")
 """)

@@ -16,10 +16,10 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+from defeat_cache.cache import CacheMismatchError, CacheWriter, IncompleteCacheError, TeacherCache
 from defeat_cache.cache import extract as extract_mod
-from defeat_cache.cache import store as store_mod
+from defeat_cache.cache import storage as storage_mod
 from defeat_cache.cache.extract import ExtractOptions, extract
-from defeat_cache.cache.store import CacheMismatchError, CacheWriter, IncompleteCacheError, TeacherCache
 from defeat_cache.cli import main as cli
 from defeat_cache.data.dataset import ViewDataset, load_dataset
 from defeat_cache.data.records import DataError
@@ -218,7 +218,7 @@ def test_resume_after_kill_mid_shard(tmp_path, monkeypatch, tiny_model_toml, sma
 
     # 1st run dies inside the 3rd shard's write: its feature arrays are on disk, rois/meta and
     # the shard_done marker are not (as a SIGKILL between two assignments would leave it).
-    real_set_many = store_mod._set_many
+    real_set_many = storage_mod.set_many
     calls = {"set_many": 0}
 
     def dying_set_many(reqs):
@@ -227,10 +227,10 @@ def test_resume_after_kill_mid_shard(tmp_path, monkeypatch, tiny_model_toml, sma
             raise SimulatedKill("simulated kill")
         return real_set_many(reqs)
 
-    monkeypatch.setattr(store_mod, "_set_many", dying_set_many)
+    monkeypatch.setattr(storage_mod, "set_many", dying_set_many)
     with pytest.raises(SimulatedKill, match="simulated kill"):
         extract(_opts(tiny_model_toml, small_teacher_ckpt, small_shapes, path))
-    monkeypatch.setattr(store_mod, "_set_many", real_set_many)
+    monkeypatch.setattr(storage_mod, "set_many", real_set_many)
 
     with pytest.raises(IncompleteCacheError):
         TeacherCache(str(path))
@@ -369,7 +369,7 @@ def test_image_without_annotations(tmp_path, tiny_model_toml, small_shapes, smal
     cache = TeacherCache(str(out))
     assert cache.verify().ok
     for v in (0, 1):
-        it = cache.read(1 * 2 + v)
+        it = cache.read(cache.layout.item_index(1, v))  # image 1 has no boxes
         assert it.gt_boxes.shape == (0, 4) and it.gt_logits.shape == (0, 9)
         assert len(it.proposals) > 0 and it.proposal_logits.shape == (len(it.proposals), 9)
     assert cache.read(0).gt_logits.shape[0] == len(data.records[0].boxes)

@@ -18,7 +18,7 @@ import zarr
 from click.testing import CliRunner
 
 from defeat_cache.cache.extract import ExtractOptions, extract
-from defeat_cache.cache.store import CacheError, TeacherCache, parse_storage_options
+from defeat_cache.cache import CacheError, TeacherCache, parse_storage_options
 from defeat_cache.cli import main as cli
 
 moto_server = pytest.importorskip("moto.server")

@@ -9,6 +9,7 @@ killed run resumes where it stopped and several ranks (torchrun) never share a s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -23,11 +24,13 @@ from .. import distributed as du
 from ..data.dataset import ViewDataset, check_batch, collate, load_dataset
 from ..data.records import DataError, DetectionData
 from ..models.checkpoint import file_sha256, load_weights
-from ..models.teacher import teacher_outputs
+from ..models.teacher import TeacherOutput, teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet, view_geometry
-from .store import CacheItem, CacheLayout, CacheWriter, LevelSpec, NonFiniteError, TeacherCache
+from .errors import NonFiniteError
+from .layout import CacheLayout, LevelSpec
+from .writer import CacheWriter
 
 DEFAULT_CODEC = "fp16"
 SHARD_TARGET_BYTES = 128 << 20  # decoded feature bytes per shard: big files, bounded writer memory
@@ -108,16 +111,24 @@ def provenance(spec: ModelSpec, checkpoint_sha: str, data: DetectionData, pre: P
 class _ItemDataset(Dataset):
     """Cache item index -> model input (errors come back as values, see ViewDataset)."""
 
-    def __init__(self, views_ds: ViewDataset, num_views: int):
-        self.views_ds, self.num_views = views_ds, num_views
+    def __init__(self, views_ds: ViewDataset, layout: CacheLayout):
+        self.views_ds, self.layout = views_ds, layout
 
     def __len__(self):
-        return len(self.views_ds) * self.num_views
+        return self.layout.num_items
 
     def __getitem__(self, item: int):
-        sample = self.views_ds[(item // self.num_views, item % self.num_views)]
+        sample = self.views_ds[self.layout.image_view(item)]
         sample["item"] = item
         return sample
+
+
+def cache_record(sample: dict, output: TeacherOutput) -> TeacherOutput:
+    """The teacher output of one model input as the cache writer takes it: on the CPU and
+    carrying the input's item identity (image, view, image and canvas size)."""
+    g = sample["geometry"]
+    return dataclasses.replace(output.cpu(), image_index=sample["image_index"], view_index=sample["view_index"],
+                               image_size=g.image_size, canvas_size=g.canvas_size)
 
 
 class _ShardWriterThread:
@@ -145,7 +156,7 @@ class _ShardWriterThread:
             except BaseException as e:  # re-raised in the main thread
                 self.error = e
 
-    def put(self, shard: int, items: list[CacheItem], done) -> None:
+    def put(self, shard: int, items: list[TeacherOutput], done) -> None:
         self.check()
         self.queue.put((shard, items, done))
 
@@ -207,14 +218,14 @@ def extract(opts: ExtractOptions) -> dict:
         + (f", {len(pending)} on this rank" if du.world_size() > 1 else ""))
 
     teacher = _prepare_teacher(spec, opts.checkpoint, data.num_classes, device)
-    dataset = _ItemDataset(ViewDataset(data, pre, views), len(views))
+    dataset = _ItemDataset(ViewDataset(data, pre, views), layout)
     order = [i for s in pending for i in writer.shard_items(s)]
     loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
     bar = progress(len(order), "extract", enabled=opts.progress)
     write_thread = _ShardWriterThread(writer, data)
-    buffers: dict[int, dict[int, CacheItem]] = {s: {} for s in pending}
+    buffers: dict[int, dict[int, TeacherOutput]] = {s: {} for s in pending}
     shard_of = {i: s for s in pending for i in writer.shard_items(s)}
     start, written = time.time(), [0]
     use_amp = opts.amp and device.type == "cuda"
@@ -225,17 +236,9 @@ def extract(opts: ExtractOptions) -> dict:
                 outs = teacher_outputs(teacher, images, [s["boxes"] for s in batch], opts.proposals,
                                        opts.pre_nms_top_n, opts.backbone)
             for s, o in zip(batch, outs):
-                g = s["geometry"]
-                item = CacheItem(
-                    image_index=s["image_index"], view_index=s["view_index"], image_size=g.image_size,
-                    canvas_size=g.canvas_size, features=[f.cpu() for f in o.features],
-                    proposals=o.proposals.cpu(), objectness=o.objectness.cpu(),
-                    proposal_logits=o.proposal_logits.cpu(), gt_boxes=o.gt_boxes.cpu(),
-                    gt_logits=o.gt_logits.cpu(),
-                    backbone_features=[b.cpu() for b in o.backbone_features] if o.backbone_features else None)
                 shard = shard_of[s["item"]]
                 buf = buffers[shard]
-                buf[s["item"]] = item
+                buf[s["item"]] = cache_record(s, o)
                 if len(buf) == len(writer.shard_items(shard)):
                     items = [buf[i] for i in writer.shard_items(shard)]
                     del buffers[shard]
@@ -259,4 +262,4 @@ def extract(opts: ExtractOptions) -> dict:
     return summary
 
 
-__all__ = ["DEFAULT_CODEC", "ExtractOptions", "TeacherCache", "extract", "plan_layout"]
+__all__ = ["DEFAULT_CODEC", "ExtractOptions", "cache_record", "extract", "plan_layout"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from ..cache.store import CacheError, TeacherCache
+from ..cache import CacheError, TeacherCache
 from ..data.dataset import ViewDataset
 from ..data.records import DataError, DetectionData
 from ..models.checkpoint import load_weights
@@ -51,7 +51,7 @@ class CachedViewDataset(ViewDataset):
     def sample(self, image_index: int, view_index: int) -> dict:
         s = super().sample(image_index, view_index)
         try:
-            item = self.cache.read(image_index * len(self.views) + view_index)
+            item = self.cache.read(self.cache.layout.item_index(image_index, view_index))
         except CacheError as e:
             raise DataError(str(e)) from None
         if (item.image_index, item.view_index) != (image_index, view_index) or \

@@ -7,7 +7,7 @@ the two modes see the same numbers by construction; the cache only adds its code
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,12 @@ from .forward import backbone_features, is_retinanet, roi_class_logits
 
 @dataclass
 class TeacherOutput:
-    """One (image, view). Features are cropped to the image's own canvas at each level."""
+    """One (image, view). Features are cropped to the image's own canvas at each level.
+
+    The one record of a teacher output, computed online or read from a cache. `teacher_outputs`
+    leaves the item identity (which image and view, at what size) unset; extraction fills it in
+    (`dataclasses.replace`) before writing, and the cache reader returns it filled.
+    """
 
     features: list[Tensor]  # [C, h_l, w_l] per FPN level
     proposals: Tensor  # [N, 4] view coordinates (empty for RetinaNet)
@@ -27,6 +32,17 @@ class TeacherOutput:
     gt_boxes: Tensor  # [G, 4]
     gt_logits: Tensor  # [G, K]
     backbone_features: list[Tensor] | None = None  # C3, C4, C5
+    image_index: int | None = None
+    view_index: int | None = None
+    image_size: tuple[int, int] | None = None  # (h, w) after resize (views.ViewGeometry)
+    canvas_size: tuple[int, int] | None = None  # image_size padded to size_divisible
+
+    def cpu(self) -> "TeacherOutput":
+        """The same output with every tensor on the CPU (what the cache writer encodes)."""
+        return replace(self, features=[f.cpu() for f in self.features], proposals=self.proposals.cpu(),
+                       objectness=self.objectness.cpu(), proposal_logits=self.proposal_logits.cpu(),
+                       gt_boxes=self.gt_boxes.cpu(), gt_logits=self.gt_logits.cpu(),
+                       backbone_features=[b.cpu() for b in self.backbone_features] if self.backbone_features else None)
 
 
 @contextlib.contextmanager

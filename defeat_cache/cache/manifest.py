@@ -1,0 +1,91 @@
+"""The manifest: the group attribute that says what a cache is and what it was made from.
+
+It is written last when a cache is created (its presence means the arrays exist), compared
+with the current run's on resume (`mismatch_message`), and marked complete at the end.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any
+
+from .codecs import get_codec
+from .layout import SCHEMA_VERSION, CacheLayout, meta_columns
+
+__all__ = ["MANIFEST_KEY", "COMPARED_KEYS", "comparable_part", "new_manifest", "mismatch_message", "now"]
+
+MANIFEST_KEY = "defeat_cache"
+# manifest keys compared on resume / by the reader's callers; the rest (created time,
+# complete flag, software version, derived descriptions) are volatile or derived.
+COMPARED_KEYS = ("schema_version", "codec", "layout", "provenance")
+
+
+def _jsonable(x: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(x, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _software_version() -> str:
+    try:
+        from defeat_cache import __version__
+        return __version__
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def comparable_part(layout: CacheLayout, provenance: dict) -> dict:
+    """The COMPARED_KEYS of a manifest for this layout and provenance (JSON-normalised)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "codec": layout.codec,
+        "layout": _jsonable(layout.to_dict(), "layout"),
+        "provenance": _jsonable(provenance, "provenance"),
+    }
+
+
+def new_manifest(layout: CacheLayout, provenance: dict) -> dict:
+    """The manifest of a cache being created (complete=False until every shard is done)."""
+    manifest = comparable_part(layout, provenance)
+    manifest.update({
+        "complete": False,
+        "created": now(),
+        "software_version": _software_version(),
+        "meta_columns": meta_columns(layout),
+        "rois_columns": ["x1", "y1", "x2", "y2", "objectness", "logits..."],
+        "feature_compressors": _jsonable(get_codec(layout.codec).describe_compressors(), "compressors"),
+    })
+    return manifest
+
+
+def mismatch_message(path, stored: dict, ours: dict) -> str | None:
+    """None if the compared parts agree, else a message naming every differing key."""
+    def flat(m):
+        c = {k: m.get(k) for k in COMPARED_KEYS}
+        out = _flatten(c.get("provenance") or {})  # provenance keys shown bare: teacher=...
+        for k in COMPARED_KEYS:
+            if k != "provenance":
+                out.update(_flatten({k: c[k]}))
+        return out
+
+    a, b = flat(stored), flat(ours)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+    if not keys:
+        return None
+    fmt = lambda m: ", ".join(f"{k}={json.dumps(m.get(k, '<missing>'))}" for k in keys)  # noqa: E731
+    return (f"cache at {path} was made with {fmt(a)}, this run has {fmt(b)}; "
+            f"use a new --out or delete it")

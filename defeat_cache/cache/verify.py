@@ -1,0 +1,122 @@
+"""Verifying a cache: read every chunk of every shard and list what is wrong with it.
+
+Checksum failures, non-finite values, inconsistent metadata, missing shards and missing
+shard files are reported (not raised), so one pass names every problem.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from . import storage
+from .layout import ItemMeta
+
+if TYPE_CHECKING:
+    from .reader import TeacherCache
+
+__all__ = ["VerifyReport", "verify_cache"]
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    shards_total: int = 0
+    shards_done: int = 0
+    items_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_shard_files(A: dict, names: list[str], s: int, rep: VerifyReport) -> None:
+    store = A["meta"].store
+    for name in names:
+        if name == "shard_done":
+            continue
+        arr = A[name]
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
+        # rois/params of a shard can legitimately be all fill (no boxes); meta never is,
+        # and all-zero teacher features for a whole shard would be a problem anyway.
+        if name in ("rois", "params") or storage.exists(store, key):
+            continue
+        hint = "" if name == "meta" else " (or every value in it is zero)"
+        rep.problems.append(f"shard {s}: {name} shard file {key} missing{hint}")
+
+
+def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Read every item of every array of every shard: checksum failures, non-finite
+    values, inconsistent metadata, missing shards/shard files.  ``progress(done, total)``
+    is called after each shard."""
+    A = cache.open_arrays()
+    L = cache.layout
+    rep = VerifyReport(shards_total=L.num_shards)
+    try:
+        done = np.asarray(A["shard_done"][:], dtype=bool)
+    except Exception as e:
+        rep.problems.append(f"shard_done markers unreadable: {type(e).__name__}: {e}")
+        done = np.zeros(L.num_shards, bool)
+    for s in range(L.num_shards):
+        rng = L.shard_items(s)
+        if not done[s]:
+            rep.problems.append(f"shard {s} (items {rng.start}..{rng.stop - 1}) missing: not marked done")
+            if progress:
+                progress(s + 1, L.num_shards)
+            continue
+        rep.shards_done += 1
+        _check_shard_files(A, L.array_names(), s, rep)
+        sel = slice(rng.start, rng.stop)
+
+        def read_checked(name):
+            """Whole shard in one read; on error, item by item to name the bad items."""
+            try:
+                return np.asarray(A[name][sel])
+            except Exception:
+                out = np.zeros((len(rng),) + A[name].shape[1:], A[name].dtype)
+                for b, i in enumerate(rng):
+                    try:
+                        out[b] = A[name][i]
+                    except Exception as e:
+                        rep.problems.append(f"shard {s} item {i}: {name} unreadable "
+                                            f"({type(e).__name__}: {e})")
+                return out
+
+        metas = [ItemMeta.from_row(row) for row in read_checked("meta")]
+        rois = read_checked("rois")
+        params = read_checked("params") if cache.codec.has_params else None
+        for b, i in enumerate(rng):
+            m = metas[b]
+            who = f"shard {s} item {i}"
+            if not m.written:
+                rep.problems.append(f"{who}: meta missing (item never written)")
+                continue
+            if (m.image_index, m.view_index) != L.image_view(i):
+                rep.problems.append(f"{who}: meta says image {m.image_index} view {m.view_index}, "
+                                    f"expected {L.image_view(i)}")
+            if not (0 <= m.n_proposals <= L.max_proposals and 0 <= m.n_gt <= L.max_gt):
+                rep.problems.append(f"{who}: n_proposals={m.n_proposals} / n_gt={m.n_gt} out of range")
+            for (name, spec), (h, w) in zip(L.all_levels, m.extents):
+                if not (0 < h <= spec.max_h and 0 < w <= spec.max_w):
+                    rep.problems.append(f"{who}: {name} extent {(h, w)} out of range")
+            if not np.isfinite(rois[b]).all():
+                rep.problems.append(f"{who}: rois hold non-finite values")
+            if params is not None and not np.isfinite(params[b]).all():
+                rep.problems.append(f"{who}: params hold non-finite values")
+        for li, (name, spec) in enumerate(L.all_levels):
+            stored = read_checked(name)
+            for b, i in enumerate(rng):
+                h, w = metas[b].extents[li]
+                if h <= 0 or w <= 0:
+                    continue
+                x = cache.decode_level(stored[b, :, :h, :w], None if params is None else params[b], li)
+                if not torch.isfinite(x).all():
+                    rep.problems.append(f"shard {s} item {i}: {name} holds non-finite values")
+        rep.items_checked += len(rng)
+        if progress:
+            progress(s + 1, L.num_shards)
+    if cache.manifest.get("complete") and not done.all():
+        rep.problems.append("manifest says complete but some shards are not marked done")
+    return rep
