@@ -30,127 +30,18 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RECIPE_DIR = HERE / "recipes"
+sys.path.insert(0, str(HERE))  # recipe_toml.py, next to this script
+from recipe_toml import REPO, Recipe, RecipeError, Row, list_recipes, load_recipe, recipe_path  # noqa: E402
+
 RESULTS_TABLE = HERE / "results_table.py"
 
 PAPER_GLOBAL_BATCH = 32  # 8 GPUs x 4 images: the batch the recipes' lr_batch32 is given for
-VIEW_NAMES = ("orig", "hflip")
 ROW_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")  # a folder name, and no '=' (results_table)
 IMAGENET_KINDS = ("r50", "r50q")  # row key `imagenet` -> option --imagenet-KIND
-
-
-class RecipeError(Exception):
-    """The recipe TOML itself is unusable (cannot parse, missing keys)."""
-
-
-@dataclass
-class Row:
-    name: str
-    student: str  # zoo name or absolute TOML path
-    paper: float | None
-    preset: str | None = None  # None = plain training (no cache)
-    overrides: list[str] = field(default_factory=list)
-    imagenet: str | None = None
-
-
-@dataclass
-class Recipe:
-    name: str
-    path: Path
-    description: str
-    data_format: str
-    metric: str
-    teacher: str
-    teacher_paper: float | None
-    lr_batch32: float
-    epochs: float
-    extract: dict
-    eval_split: str
-    rows: list[Row]
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a recipe
-
-
-def recipe_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        return path
-    return RECIPE_DIR / f"{name_or_path}.toml"
-
-
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
-
-
-def model_ref(value: str) -> str:
-    """A zoo name stays a name; a TOML path (relative to the repository) becomes absolute."""
-    if value.endswith(".toml"):
-        path = Path(value)
-        return str(path if path.is_absolute() else REPO / path)
-    return value
-
-
-def _need(table: dict, key: str, kind, where: str):
-    if key not in table:
-        raise RecipeError(f"{where}: missing key {key!r}")
-    value = table[key]
-    if not isinstance(value, kind) or isinstance(value, bool):  # TOML true is not a number
-        raise RecipeError(f"{where}: {key} = {value!r} has the wrong type")
-    return value
-
-
-def load_recipe(name_or_path: str) -> Recipe:
-    path = recipe_path(name_or_path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {name_or_path!r} not found ({path}); available: {', '.join(list_recipes())}")
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path}: invalid TOML ({e})") from None
-    where = str(path)
-    rows = []
-    for i, r in enumerate(cfg.get("rows", [])):
-        row_where = f"{where} [[rows]] #{i + 1}"
-        overrides = r.get("set", [])
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise RecipeError(f"{row_where}: set must be a list of \"section.key=value\" strings")
-        paper = r.get("paper")
-        if paper is not None and not isinstance(paper, (int, float)):
-            raise RecipeError(f"{row_where}: paper = {paper!r} must be a number")
-        rows.append(Row(name=_need(r, "name", str, row_where),
-                        student=model_ref(_need(r, "student", str, row_where)),
-                        paper=paper,
-                        preset=r.get("preset"),
-                        overrides=overrides,
-                        imagenet=r.get("imagenet")))
-    if not rows:
-        raise RecipeError(f"{where}: no [[rows]]")
-    extract = cfg.get("extract", {})
-    return Recipe(
-        name=path.stem,
-        path=path,
-        description=cfg.get("description", path.stem),
-        data_format=cfg.get("data_format", "coco"),
-        metric=cfg.get("metric", "AP"),
-        teacher=model_ref(_need(cfg, "teacher", str, where)),
-        teacher_paper=cfg.get("teacher_paper"),
-        lr_batch32=float(_need(cfg, "lr_batch32", (int, float), where)),
-        epochs=float(cfg.get("epochs", 12)),
-        extract={"split": extract.get("split", "train"), "views": extract.get("views", "orig,hflip"),
-                 "codec": extract.get("codec", "fp16"), "proposals": extract.get("proposals"),
-                 "backbone": bool(extract.get("backbone", False))},
-        eval_split=cfg.get("eval", {}).get("split", "val"),
-        rows=rows,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +50,10 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 def check(recipe: Recipe, args) -> tuple[list[str], list[str]]:
     """(problems, warnings). In a dry run, missing input files are warnings; otherwise problems."""
+    from defeat_cache.distill.compat import IncompatibleError, TeacherFacts, check_compatible
     from defeat_cache.distill.presets import load_preset
     from defeat_cache.models.zoo import load_model_spec
+    from defeat_cache.views import VIEW_NAMES, ViewSet
 
     problems, warnings = [], []
     missing = warnings if args.dry_run else problems
@@ -178,8 +71,9 @@ def check(recipe: Recipe, args) -> tuple[list[str], list[str]]:
         if not ROW_NAME.match(name):
             problems.append(f"row name {name!r}: use letters, digits and _ . + - only")
 
-    views = recipe.extract["views"].split(",")
-    if not views or any(v not in VIEW_NAMES for v in views) or len(set(views)) != len(views):
+    try:
+        ViewSet.parse(recipe.extract["views"])
+    except ValueError:
         problems.append(f"[extract] views = {recipe.extract['views']!r}: choose from {','.join(VIEW_NAMES)}")
 
     for row in recipe.rows:
@@ -201,17 +95,12 @@ def check(recipe: Recipe, args) -> tuple[list[str], list[str]]:
             if student.preprocessing != teacher.preprocessing:
                 problems.append(f"row {row.name}: student {student.name} preprocessing {student.preprocessing} "
                                 f"differs from teacher {teacher.name} {teacher.preprocessing}")
-            if preset is not None and student.family != teacher.family:
-                problems.append(f"row {row.name}: teacher is {teacher.family}, student is {student.family}")
-        if preset is not None:
-            if preset["backbone"]["enabled"] and not recipe.extract["backbone"]:
-                problems.append(f"row {row.name}: preset {row.preset} distils backbone stages; "
-                                "the cache needs them: set [extract] backbone = true")
-            # The library's rule: on RetinaNet only `defeat` silently drops its classifier part.
-            if (student is not None and student.family == "retinanet" and preset["cls"]["enabled"]
-                    and preset["name"] != "defeat"):
-                problems.append(f"row {row.name}: preset {row.preset} enables RoI-classifier KD but a RetinaNet "
-                                "student has no RoI head; add set = [\"cls.enabled=false\"]")
+            if preset is not None:  # the rule the distiller applies, to the cache this recipe extracts
+                cache = TeacherFacts.of_spec(teacher, with_backbone=recipe.extract["backbone"])
+                try:
+                    check_compatible(student, cache, preset)
+                except IncompatibleError as e:
+                    problems.extend(f"row {row.name}: {p}" for p in e.problems)
         if row.imagenet is not None and row.imagenet not in IMAGENET_KINDS:
             problems.append(f"row {row.name}: imagenet = {row.imagenet!r}; choose one of {', '.join(IMAGENET_KINDS)}")
 
@@ -249,11 +138,13 @@ def check(recipe: Recipe, args) -> tuple[list[str], list[str]]:
 
 def check_data_toml(path: Path, recipe: Recipe) -> list[str]:
     """The dataset TOML parses, is of the recipe's format and has the splits the recipe uses."""
+    from defeat_cache.data.dataset import read_toml
+    from defeat_cache.errors import UserError
+
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        return [f"--data {path}: invalid TOML ({e})"]
+        data = read_toml(path, "dataset TOML")
+    except UserError as e:
+        return [f"--data {e}"]
     problems = []
     fmt = data.get("format", "coco")
     if fmt != recipe.data_format:

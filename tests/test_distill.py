@@ -314,7 +314,8 @@ def test_cache_of_other_preprocessing_is_refused(tmp_path, tiny_cache, tiny_shap
 
 
 def test_backbone_preset_needs_backbone_cache(tiny_cache, student_spec, data):
-    with pytest.raises(DataError, match="--backbone"):
+    from defeat_cache.distill.compat import IncompatibleError
+    with pytest.raises(IncompatibleError, match="--backbone"):
         _make_step(student_spec, data, _preset("defeat_backbone", tiny_cache), cache=tiny_cache("fp32"))
 
 
@@ -404,6 +405,7 @@ def retina_student_toml(tmp_path_factory, tiny_retina_toml, write_model_toml):
 
 def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_student_toml, tiny_shapes,
                                                 tiny_student_toml):
+    from defeat_cache.distill.compat import IncompatibleError
     run = tmp_path / "run"
     summary = train(_train_opts(run, retina_student_toml, tiny_shapes, distill=load_preset("defeat"),
                                 cache=retina_cache))
@@ -413,17 +415,21 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
         assert not {k for k in line if k.startswith("loss_cls_")}
         assert all(math.isfinite(line[k]) for k in ("loss_neck_obj", "loss_neck_bg", "loss"))
 
-    # backbone imitation (METHOD.md sec 5: RetinaNet neck + optional backbone) once cls KD is switched off
+    # backbone imitation (METHOD.md sec 5: RetinaNet neck + optional backbone) once cls KD is switched off;
+    # only `defeat` drops its RoI part by itself (docs/method.md), so defeat_backbone needs cls.enabled=false
+    with pytest.raises(IncompatibleError, match="cls.enabled=false"):
+        train(_train_opts(tmp_path / "run_bb_cls", retina_student_toml, tiny_shapes, max_iters=1,
+                          distill=load_preset("defeat_backbone"), cache=retina_cache))
     run_bb = tmp_path / "run_bb"
     train(_train_opts(run_bb, retina_student_toml, tiny_shapes, max_iters=1,
-                      distill=load_preset("defeat_backbone"), cache=retina_cache))
+                      distill=load_preset("defeat_backbone", ["cls.enabled=false"]), cache=retina_cache))
     line = _metrics(run_bb)[0]
     assert {"loss_neck_obj", "loss_neck_bg", "loss_backbone"} <= set(line) and math.isfinite(line["loss_backbone"])
 
-    with pytest.raises(DataError, match="RoI"):  # a cls-only preset cannot apply to RetinaNet
+    with pytest.raises(IncompatibleError, match="RoI"):  # a cls-only preset cannot apply to RetinaNet
         train(_train_opts(tmp_path / "run2", retina_student_toml, tiny_shapes, distill=load_preset("cls_decoupled"),
                           cache=retina_cache))
-    with pytest.raises(DataError, match="family|retinanet"):  # no cross-family distillation
+    with pytest.raises(IncompatibleError, match="family|retinanet"):  # no cross-family distillation
         train(_train_opts(tmp_path / "run3", tiny_student_toml, tiny_shapes, distill=load_preset("neck_decoupled"),
                           cache=retina_cache))
 

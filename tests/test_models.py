@@ -9,6 +9,7 @@ import torch
 
 from defeat_cache.data.records import DataError
 from defeat_cache.models.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from defeat_cache.models.family import FAMILIES, family_of
 from defeat_cache.models.forward import detector_forward
 from defeat_cache.models.zoo import (NarrowResNet, ViewTransform, build_detector, count_parameters, list_models,
                                      load_model_spec)
@@ -121,6 +122,23 @@ def test_model_toml_path(tiny_model_toml):
     assert spec.backbone_channels == [16, 32, 64, 128] and spec.fpn_channels == 32
 
 
+def test_family_levels_and_stages_on_the_spec(tiny_model_toml, tiny_retina_toml):
+    frcnn, retina = load_model_spec(str(tiny_model_toml)), load_model_spec(str(tiny_retina_toml))
+    assert [(lv.name, lv.stride, lv.channels) for lv in frcnn.fpn_levels] == \
+        [("p2", 4, 32), ("p3", 8, 32), ("p4", 16, 32), ("p5", 32, 32), ("p6", 64, 32)]
+    assert [(lv.name, lv.stride) for lv in retina.fpn_levels] == \
+        [("p3", 8), ("p4", 16), ("p5", 32), ("p6", 64), ("p7", 128)]
+    assert frcnn.strides == [4, 8, 16, 32, 64] and retina.strides == [8, 16, 32, 64, 128]
+    assert [(s.name, s.stride, s.channels) for s in frcnn.backbone_stages] == \
+        [("c2", 4, 16), ("c3", 8, 32), ("c4", 16, 64), ("c5", 32, 128)]
+    assert [(s.name, s.channels) for s in retina.backbone_stages] == [("c3", 32), ("c4", 64), ("c5", 128)]
+    assert retina.backbone_channels == [32, 64, 128]
+    # a cache stores C3-C5 for both families (METHOD.md sec 3)
+    assert frcnn.cached_backbone_stages == retina.cached_backbone_stages == retina.backbone_stages
+    assert frcnn.has_roi_head and not retina.has_roi_head
+    assert sorted(FAMILIES) == ["faster_rcnn", "retinanet"]
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 # ------------------------------------------------------------------------------------------------
@@ -154,6 +172,12 @@ def test_train_forward_losses(which, tiny_model_toml, tiny_retina_toml):
     assert [tuple(f.shape[-2:]) for f in out.fpn.values()] == [(-(-96 // s), -(-96 // s)) for s in strides]
     assert all(f.shape[1] == 32 for f in out.fpn.values())
     assert [b.shape[1] for b in out.body] == ([16, 32, 64, 128] if which == "frcnn" else [32, 64, 128])
+    # the spec describes the maps the built model returns, in order
+    spec = load_model_spec(str(tiny_model_toml if which == "frcnn" else tiny_retina_toml))
+    assert family_of(model) is spec.family_record
+    assert [(lv.stride, lv.channels) for lv in spec.fpn_levels] == [(s, f.shape[1]) for s, f in zip(strides, out.fpn.values())]
+    assert [s.channels for s in spec.backbone_stages] == [b.shape[1] for b in out.body]
+    assert [tuple(b.shape[-2:]) for b in out.body] == [(96 // s.stride, 96 // s.stride) for s in spec.backbone_stages]
 
 
 @pytest.mark.parametrize("which", ["frcnn", "retina"])

@@ -58,13 +58,7 @@ class ExtractOptions:
 
 
 def feature_level_names(spec: ModelSpec) -> list[str]:
-    return [f"p{i}" for i in (range(2, 7) if spec.family == "faster_rcnn" else range(3, 8))]
-
-
-def backbone_level_names(spec: ModelSpec) -> list[str]:
-    """Stages stored with --backbone: C3-C5, the ones METHOD.md sec 3 distils (C2 alone would
-    double the size of a COCO cache)."""
-    return ["c3", "c4", "c5"]
+    return [lv.name for lv in spec.fpn_levels]
 
 
 def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views: ViewSet, codec: str,
@@ -75,10 +69,10 @@ def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views:
         g = view_geometry((r.height, r.width), pre, False)
         max_h, max_w = max(max_h, g.canvas_size[0]), max(max_w, g.canvas_size[1])
     # ceil(H / stride) is the size torchvision computes at every level, pooled extras included.
-    levels = [LevelSpec(n, spec.fpn_channels, math.ceil(max_h / s), math.ceil(max_w / s))
-              for n, s in zip(feature_level_names(spec), spec.strides)]
-    bb_levels = [LevelSpec(n, c, math.ceil(max_h / s), math.ceil(max_w / s))
-                 for n, c, s in zip(backbone_level_names(spec), spec.backbone_channels[-3:], [8, 16, 32])] if backbone else []
+    levels = [LevelSpec(m.name, m.channels, math.ceil(max_h / m.stride), math.ceil(max_w / m.stride))
+              for m in spec.fpn_levels]
+    bb_levels = [LevelSpec(m.name, m.channels, math.ceil(max_h / m.stride), math.ceil(max_w / m.stride))
+                 for m in spec.cached_backbone_stages] if backbone else []
     if items_per_shard is None:
         item_bytes = sum(l.channels * l.max_h * l.max_w * 4 for l in levels + bb_levels)
         items_per_shard = int(min(64, max(1, SHARD_TARGET_BYTES // max(item_bytes, 1))))
@@ -86,8 +80,8 @@ def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views:
     max_gt = max([len(r.boxes) for r in data.records] + [1])
     return CacheLayout(num_items=num_items, items_per_shard=min(items_per_shard, max(num_items, 1)),
                        feature_levels=levels, backbone_levels=bb_levels,
-                       max_proposals=proposals if spec.family == "faster_rcnn" else 0, max_gt=max_gt,
-                       num_logits=data.num_classes if spec.family == "faster_rcnn" else 0, codec=codec,
+                       max_proposals=proposals if spec.has_roi_head else 0, max_gt=max_gt,
+                       num_logits=data.num_classes if spec.has_roi_head else 0, codec=codec,
                        num_views=len(views))
 
 

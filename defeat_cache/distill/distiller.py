@@ -27,12 +27,11 @@ from ..models.teacher import teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..progress import log
 from ..views import Preprocessing, ViewSet
+from .compat import TeacherFacts, check_compatible
 from .losses import FeatureAdapters, all_cls_kd_loss, cls_kd_terms, neck_distill_loss, subsample_negatives
 from .masks import FINEST_SCALE, backbone_gt_mask, build_level_masks
 
 PAPER_MIN_SIZE = 800  # the input size METHOD.md's 56-px finest scale refers to
-STAGE_NAMES_RCNN = ["c2", "c3", "c4", "c5"]
-STAGE_NAMES_RETINA = ["c3", "c4", "c5"]
 
 
 def _diff(ours: dict, theirs: dict) -> list[str]:
@@ -114,9 +113,9 @@ class OnlineSource:
         self.preprocessing, self.views = spec.preprocessing, views
         self.teacher_family = spec.family
         self.has_backbone = True
-        self.teacher_channels = [spec.fpn_channels] * 5
-        # the stages an extracted cache holds (C3-C5), so both sources index them alike
-        self.teacher_backbone_channels = dict(zip(["c3", "c4", "c5"], spec.backbone_channels[-3:]))
+        self.teacher_channels = [lv.channels for lv in spec.fpn_levels]
+        # the stages an extracted cache holds, so both sources index them alike
+        self.teacher_backbone_channels = {s.name: s.channels for s in spec.cached_backbone_stages}
         self.proposals = int(preset["teacher"]["proposals"])
         self.pre_nms_top_n = int(preset["teacher"]["pre_nms_top_n"])
         self.with_backbone = bool(preset["backbone"]["enabled"])
@@ -141,36 +140,21 @@ class Distiller(nn.Module):
         self.preset, self.source = preset, source
         self.student_family = student.family
         neck, cls, bb = preset["neck"], preset["cls"], preset["backbone"]
-        self.neck_on = bool(neck["enabled"]) and (neck["alpha_obj"] > 0 or neck["alpha_bg"] > 0)
-        self.cls_on = bool(cls["enabled"])
-        self.bb_on = bool(bb["enabled"])
-        if source.teacher_family != student.family:
-            raise DataError(f"teacher is {source.teacher_family}, student is {student.family}: "
-                            "DeFeat distils within one detector family")
-        if self.cls_on and student.family == "retinanet":
-            if not (self.neck_on or bb["enabled"]):
-                raise DataError(f"preset {preset['name']}: RoI-classifier KD needs a Faster R-CNN student "
-                                "(RetinaNet has no RoI head); use a preset with neck distillation")
-            log("RetinaNet student: the preset's RoI-classifier part does not apply (no RoI head); "
-                "distilling the neck/backbone parts, as the paper's RetinaNet recipe")
-            self.cls_on = False
-        if self.bb_on and not source.has_backbone:
-            raise DataError("preset enables backbone distillation but the cache has no backbone features; "
-                            "re-extract with --backbone")
+        teacher = TeacherFacts.of_family(source.teacher_family, source.teacher_backbone_channels)
+        parts = check_compatible(student, teacher, preset)
+        for note in parts.notes:
+            log(note)
+        self.neck_on, self.cls_on, self.bb_on = parts.neck, parts.cls, parts.backbone
         self.strides = student.strides
         fs = neck.get("finest_scale", "auto")
         self.finest_scale = FINEST_SCALE * student.preprocessing.min_size / PAPER_MIN_SIZE if fs == "auto" else float(fs)
         if self.neck_on:
             n = len(self.strides)
             self.neck_adapters = FeatureAdapters([student.fpn_channels] * n, source.teacher_channels[:n])
-        stage_names = STAGE_NAMES_RCNN if student.family == "faster_rcnn" else STAGE_NAMES_RETINA
         if self.bb_on:
-            allowed = [s for s in stage_names if s in source.teacher_backbone_channels]
-            unknown = [s for s in bb["stages"] if s not in allowed]
-            if unknown:
-                raise DataError(f"backbone.stages {unknown}: the teacher outputs provide only {allowed}")
+            stage_names = [s.name for s in student.backbone_stages]
             self.bb_index = [stage_names.index(s) for s in bb["stages"]]
-            s_ch = dict(zip(stage_names, student.backbone_channels))
+            s_ch = {s.name: s.channels for s in student.backbone_stages}
             self.backbone_adapters = FeatureAdapters([s_ch[s] for s in bb["stages"]],
                                                      [source.teacher_backbone_channels[s] for s in bb["stages"]],
                                                      relu=True)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from .forward import backbone_features, is_retinanet, roi_class_logits
+from .family import family_of
+from .forward import backbone_features, roi_class_logits
 
 
 @dataclass
@@ -87,12 +88,12 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], gt_boxes: list[Ten
         canvas = (-(-im.shape[1] // sd) * sd, -(-im.shape[2] // sd) * sd)
         groups.setdefault(canvas, []).append(i)
     results: list[TeacherOutput | None] = [None] * len(images)
-    retina = is_retinanet(teacher)
+    family = family_of(teacher)
     for canvas, idx in groups.items():
         image_list, _ = teacher.transform([images[i] for i in idx])
         fpn, body = backbone_features(teacher, image_list)
         levels = list(fpn.values())
-        if retina:
+        if not family.has_roi_head:
             boxes = [torch.zeros(0, 4, device=device) for _ in idx]
             scores = [torch.zeros(0, device=device) for _ in idx]
         else:
@@ -102,7 +103,7 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], gt_boxes: list[Ten
             logits = roi_class_logits(teacher, fpn, rois, image_list.image_sizes).float()
             per_image = logits.split([len(r) for r in rois])
         for j, i in enumerate(idx):
-            if retina:  # no RoI head: no logits, but the GT rows keep their count
+            if not family.has_roi_head:  # no logits, but the GT rows keep their count
                 plog = torch.zeros(0, 0, device=device)
                 glog = torch.zeros(len(gt_boxes[i]), 0, device=device)
             else:
@@ -111,5 +112,5 @@ def teacher_outputs(teacher: nn.Module, images: list[Tensor], gt_boxes: list[Ten
             results[i] = TeacherOutput(
                 features=[lev[j].float() for lev in levels], proposals=boxes[j].float(), objectness=scores[j].float(),
                 proposal_logits=plog, gt_boxes=gt_boxes[i].to(device).float(), gt_logits=glog,
-                backbone_features=[b[j].float() for b in body[-3:]] if with_backbone else None)
+                backbone_features=[body[k][j].float() for k in family.cached_stage_indices] if with_backbone else None)
     return results  # type: ignore[return-value]

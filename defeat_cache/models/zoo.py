@@ -20,6 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..data.dataset import read_toml
 from ..data.records import DataError
 from ..views import Preprocessing
+from .family import FAMILIES, RESNET_LAYERS, RESNET_STAGES, Family
 from .sampling import install_item_seeded_samplers
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -73,28 +74,67 @@ class ViewTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+@dataclass(frozen=True)
+class FeatureMap:
+    """One of a model's FPN levels or backbone stages (models/family.py), with its channels."""
+
+    name: str  # p2..p7, c2..c5
+    stride: int  # input pixels per cell
+    channels: int
+
+
+def _resnet_stage_channels(backbone: dict) -> dict[str, int]:
+    """C2..C5 output channels: 64..512 times the block expansion, divided by `width_divisor`."""
+    expansion = 1 if int(backbone["depth"]) < 50 else 4
+    divisor = int(backbone.get("width_divisor", 1))
+    return {stage.name: 64 * 2 ** i * expansion // divisor for i, stage in enumerate(RESNET_STAGES)}
+
+
 @dataclass
 class ModelSpec:
     name: str
-    family: str  # "faster_rcnn" | "retinanet"
+    family: str  # a key of models.family.FAMILIES: "faster_rcnn" | "retinanet"
     config: dict
     preprocessing: Preprocessing
+
+    @property
+    def family_record(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def has_roi_head(self) -> bool:
+        return self.family_record.has_roi_head
 
     @property
     def fpn_channels(self) -> int:
         return int(self.config["backbone"].get("fpn_channels", 256))
 
     @property
+    def fpn_levels(self) -> tuple[FeatureMap, ...]:
+        """P2-P6 (Faster R-CNN) or P3-P7 (RetinaNet), finest first."""
+        return tuple(FeatureMap(lv.name, lv.stride, self.fpn_channels) for lv in self.family_record.fpn_levels)
+
+    @property
+    def backbone_stages(self) -> tuple[FeatureMap, ...]:
+        """The stages the body returns to the FPN (C2-C5 for Faster R-CNN, C3-C5 for RetinaNet)."""
+        channels = _resnet_stage_channels(self.config["backbone"])
+        return tuple(FeatureMap(s.name, s.stride, channels[s.name]) for s in self.family_record.backbone_stages)
+
+    @property
+    def cached_backbone_stages(self) -> tuple[FeatureMap, ...]:
+        """The stages a cache stores with --backbone (models.family.CACHED_BACKBONE_STAGES)."""
+        stages = self.backbone_stages
+        return tuple(stages[i] for i in self.family_record.cached_stage_indices)
+
+    @property
     def strides(self) -> list[int]:
-        return [4, 8, 16, 32, 64] if self.family == "faster_rcnn" else [8, 16, 32, 64, 128]
+        """The FPN levels' strides, finest first."""
+        return [lv.stride for lv in self.fpn_levels]
 
     @property
     def backbone_channels(self) -> list[int]:
-        """Channels of the stages the body returns (C2-C5 for Faster R-CNN, C3-C5 for RetinaNet)."""
-        bb = self.config["backbone"]
-        expansion = 1 if int(bb["depth"]) < 50 else 4
-        widths = [64 * 2 ** i * expansion // int(bb.get("width_divisor", 1)) for i in range(4)]
-        return widths if self.family == "faster_rcnn" else widths[1:]
+        """The channels of `backbone_stages`, in order."""
+        return [s.channels for s in self.backbone_stages]
 
 
 def list_models() -> list[str]:
@@ -111,8 +151,9 @@ def load_model_spec(name: str) -> ModelSpec:
                             "(or give the path of a model TOML)")
     cfg = read_toml(path, "model TOML")
     family = cfg.get("family")
-    if family not in ("faster_rcnn", "retinanet"):
-        raise DataError(f"{path}: family must be \"faster_rcnn\" or \"retinanet\", got {family!r}")
+    if family not in FAMILIES:
+        choices = " or ".join(f'"{name}"' for name in FAMILIES)
+        raise DataError(f"{path}: family must be {choices}, got {family!r}")
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("input", {}).items()})
     return ModelSpec(name=path.stem, family=family, config=cfg, preprocessing=pre)
 
@@ -135,12 +176,11 @@ def _backbone(spec: ModelSpec):
         if not any(pname.startswith(t) for t in train_prefixes):
             param.requires_grad_(False)
     fpn_ch = spec.fpn_channels
-    if spec.family == "faster_rcnn":
-        returned, extra = [1, 2, 3, 4], LastLevelMaxPool()  # C2-C5 -> P2-P5, P6 by max-pool
-    else:
-        returned, extra = [2, 3, 4], LastLevelP6P7(fpn_ch, fpn_ch)  # C3-C5 -> P3-P7
-    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
-    backbone = BackboneWithFPN(body, return_layers, spec.backbone_channels, fpn_ch, extra_blocks=extra)
+    # the levels above C5 (models/family.py): P6 by max-pool, or P6 and P7 by convolutions on P5
+    extra = LastLevelMaxPool() if spec.family == "faster_rcnn" else LastLevelP6P7(fpn_ch, fpn_ch)
+    stages = spec.backbone_stages
+    return_layers = {RESNET_LAYERS[s.name]: str(i) for i, s in enumerate(stages)}
+    backbone = BackboneWithFPN(body, return_layers, [s.channels for s in stages], fpn_ch, extra_blocks=extra)
     return backbone
 
 
@@ -182,5 +222,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelSpec", "NarrowResNet", "ViewTransform", "build_detector", "list_models", "load_model_spec",
+__all__ = ["FeatureMap", "ModelSpec", "NarrowResNet", "ViewTransform", "build_detector", "list_models", "load_model_spec",
            "count_parameters", "spec_dict", "CONFIG_DIR"]

@@ -1,0 +1,70 @@
+"""What each detector family is made of: its FPN levels, backbone stages and heads, written once.
+
+Everything that depends on "P2-P6 or P3-P7", "C2-C5 or C3-C5", their strides, whether the
+detector has an RoI head, or which stages a cache stores reads it from here, through
+`ModelSpec` (models/zoo.py adds the channels, which depend on the config) or, for a built
+detector, `family_of(model)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .forward import is_retinanet
+
+
+@dataclass(frozen=True)
+class Level:
+    """One feature map of the FPN or the backbone: its name and its stride in input pixels."""
+
+    name: str
+    stride: int
+
+
+# torchvision's ResNet: modules layer1..layer4 give stages C2..C5 at strides 4..32.
+RESNET_STAGES = tuple(Level(f"c{k}", 2 ** k) for k in range(2, 6))
+RESNET_LAYERS = {stage.name: f"layer{i + 1}" for i, stage in enumerate(RESNET_STAGES)}
+
+# The stages a cache stores with --backbone, for both families: C3-C5, the ones METHOD.md
+# sec 3 distils (C2 alone would double the size of a COCO cache). An online teacher offers
+# the same ones, so both teacher sources index them alike.
+CACHED_BACKBONE_STAGES = ("c3", "c4", "c5")
+
+
+def _pyramid(first: int, last: int) -> tuple[Level, ...]:
+    return tuple(Level(f"p{k}", 2 ** k) for k in range(first, last + 1))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A detector family: the feature maps it has and whether it has an RoI head."""
+
+    name: str  # as in a model TOML's `family`, a cache's provenance and a checkpoint
+    title: str  # for messages
+    fpn_levels: tuple[Level, ...]  # finest first, the order torchvision's heads use
+    backbone_stages: tuple[Level, ...]  # the ResNet stages the body returns to the FPN
+    has_roi_head: bool
+
+    @property
+    def cached_stage_indices(self) -> list[int]:
+        """Positions of the cached stages (CACHED_BACKBONE_STAGES) among `backbone_stages`."""
+        names = [s.name for s in self.backbone_stages]
+        return [names.index(n) for n in CACHED_BACKBONE_STAGES]
+
+
+FAMILIES = {
+    # C2-C5 -> P2-P5, and P6 by max-pooling P5 (for the RPN only)
+    "faster_rcnn": Family("faster_rcnn", "Faster R-CNN", _pyramid(2, 6), RESNET_STAGES, has_roi_head=True),
+    # C3-C5 -> P3-P5, and P6, P7 by strided convolutions on P5; a dense head, no RoI head
+    "retinanet": Family("retinanet", "RetinaNet", _pyramid(3, 7), RESNET_STAGES[1:], has_roi_head=False),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a detector built by models/zoo.py."""
+    return FAMILIES["retinanet" if is_retinanet(model) else "faster_rcnn"]
+
+
+__all__ = ["CACHED_BACKBONE_STAGES", "FAMILIES", "Family", "Level", "RESNET_LAYERS", "RESNET_STAGES", "family_of"]
