@@ -253,7 +253,7 @@ def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, j
     """COCO bbox AP/AP50/AP75/APS/APM/APL (and VOC07 mAP for VOC) of a trained checkpoint (torchrun: split over ranks)."""
     from .data.dataset import load_dataset
     from .engine.evaluate import evaluate
-    from .engine.train import load_trained
+    from .models.checkpoint import load_trained
     from .distributed import init_from_env
     dev = init_from_env(device)
     net, pre, ck = load_trained(checkpoint, model, dev)

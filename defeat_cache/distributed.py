@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .data.records import DataError
+from .errors import UserError
 
 
 def init_from_env(device: str) -> torch.device:
@@ -24,7 +24,7 @@ def init_from_env(device: str) -> torch.device:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DataError("--device cuda: no CUDA device is available here; use --device cpu")
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(device)
 

@@ -23,10 +23,13 @@ from defeat_cache.cli import main as cli
 from defeat_cache.data.dataset import collate, load_dataset
 from defeat_cache.data.records import DataError
 from defeat_cache.distill import distiller as distiller_mod
-from defeat_cache.distill.distiller import CachedViewDataset, build_distiller
+from defeat_cache.distill import sources as sources_mod
+from defeat_cache.distill.distiller import build_distiller
 from defeat_cache.distill.presets import list_presets, load_preset
+from defeat_cache.distill.sources import CachedViewDataset, build_teacher_source
 from defeat_cache.engine import train as train_mod
 from defeat_cache.engine.train import TrainOptions, TrainStep, train
+from defeat_cache.errors import UserError
 from defeat_cache.models import zoo
 from defeat_cache.models.zoo import build_detector, load_model_spec
 
@@ -53,13 +56,14 @@ def _preset(name: str, tiny_cache, *overrides):
                               f"teacher.pre_nms_top_n={tiny_cache.pre_nms_top_n}", *overrides])
 
 
-def _make_step(student_spec, data, preset, **source) -> TrainStep:
-    """Student + distiller built exactly as train() builds them (seed 0 before the student)."""
+def _make_step(student_spec, data, preset, **source_args):
+    """(TrainStep, teacher source): student, source and distiller built exactly as train() builds
+    them (seed 0 before the student). `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
     torch.manual_seed(0)
     student = build_detector(student_spec, data.num_classes)
-    opts = TrainOptions(student=student_spec.name, data="unused", out="unused", distill=preset, **source)
-    dist = build_distiller(opts, student_spec, data, student_spec.preprocessing, CPU)
-    return TrainStep(student, dist).train()
+    source = build_teacher_source(data, student_spec, preset, CPU, **source_args)
+    dist = build_distiller(preset, student_spec, source.facts)
+    return TrainStep(student, dist).train(), source
 
 
 def _pick_batches(ds) -> list[list[tuple[int, int]]]:
@@ -73,12 +77,12 @@ def _pick_batches(ds) -> list[list[tuple[int, int]]]:
     return [[(a, 1), (b, 0)], [(c, 0), (d, 1)]]
 
 
-def _run(step: TrainStep, samples: list[dict], seed: int):
+def _run(step: TrainStep, source, samples: list[dict], seed: int):
     images = [s["image"] for s in samples]
     targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
     step.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    losses = step(images, targets, samples)
+    losses = step(images, targets, source.outputs(samples, images))
     sum(losses.values()).backward()
     grads = {n: p.grad.detach().clone() for n, p in step.named_parameters() if p.grad is not None}
     return {k: v.detach().double().item() for k, v in losses.items()}, grads
@@ -117,16 +121,16 @@ def online_reference(tiny_cache, student_spec, data, tiny_model_toml, tiny_teach
     def get(name: str):
         if name not in made:
             preset = _preset(name, tiny_cache)
-            step = _make_step(student_spec, data, preset, teacher=str(tiny_model_toml),
-                              teacher_checkpoint=str(tiny_teacher_checkpoint))
-            assert isinstance(step.distiller.source, distiller_mod.OnlineSource)
-            ds = step.distiller.dataset(data, step.distiller.preprocessing)
+            step, source = _make_step(student_spec, data, preset, teacher=str(tiny_model_toml),
+                                      teacher_checkpoint=str(tiny_teacher_checkpoint))
+            assert isinstance(source, sources_mod.OnlineSource)
+            ds = source.dataset(data)
             batches = _pick_batches(ds)
             state = {k: v.clone() for k, v in step.state_dict().items()}
             results = []
             for k, keys in enumerate(batches):
                 samples = [ds[key] for key in keys]
-                results.append((samples, *_run(step, samples, seed=k)))
+                results.append((samples, *_run(step, source, samples, seed=k)))
             made[name] = (preset, batches, state, results)
         return made[name]
 
@@ -139,7 +143,7 @@ def online_reference(tiny_cache, student_spec, data, tiny_model_toml, tiny_teach
 CODEC_TOL = {"fp32": (1e-5, 1e-6), "fp16": (1e-3, 1e-2), "int8": (1e-2, 5e-2)}
 
 
-def _compare(step, ds, reference, codec: str, label: str) -> dict:
+def _compare(step, source, ds, reference, codec: str, label: str) -> dict:
     preset, batches, state, results = reference
     neck_tol, grad_tol = CODEC_TOL[codec]
     feature_terms = NECK_TERMS + ("loss_backbone",)
@@ -148,7 +152,7 @@ def _compare(step, ds, reference, codec: str, label: str) -> dict:
         samples = [ds[key] for key in keys]
         for s, o in zip(samples, online_samples):  # the same student input in both modes
             assert torch.equal(s["image"], o["image"]) and torch.equal(s["boxes"], o["boxes"])
-        losses, grads = _run(step, samples, seed=k)
+        losses, grads = _run(step, source, samples, seed=k)
         assert set(losses) == set(ref_losses) == DET_TERMS | _expected_kd_terms(preset)
         for name, ref in ref_losses.items():
             rel = abs(losses[name] - ref) / max(abs(ref), 1e-12)
@@ -176,16 +180,16 @@ def _compare(step, ds, reference, codec: str, label: str) -> dict:
 def test_cache_step_equals_online_step(codec, tiny_cache, online_reference, student_spec, data):
     reference = online_reference("defeat")
     preset, batches, state, _ = reference
-    step = _make_step(student_spec, data, preset, cache=tiny_cache(codec))
-    assert isinstance(step.distiller.source, distiller_mod.CacheSource)
+    step, source = _make_step(student_spec, data, preset, cache=tiny_cache(codec))
+    assert isinstance(source, sources_mod.CacheSource)
     step.load_state_dict(state)  # identical student AND adapter weights
-    ds = step.distiller.dataset(data, step.distiller.preprocessing)
+    ds = source.dataset(data)
     assert isinstance(ds, CachedViewDataset)
     for keys in batches:
         samples = [ds[key] for key in keys]
         assert any(s["geometry"].flip for s in samples)
         assert len({s["geometry"].canvas_size for s in samples}) == 2
-    report = _compare(step, ds, reference, codec, f"defeat/{codec}")
+    report = _compare(step, source, ds, reference, codec, f"defeat/{codec}")
     assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(report)
     if codec == "fp32":
         assert all(v <= 1e-6 for v in report.values()), report
@@ -197,9 +201,10 @@ def test_cache_step_equals_online_step_other_presets(name, tiny_cache, online_re
     (random mask, negative subsampling) or the student's anchors (FG-Mask)."""
     reference = online_reference(name)
     preset, _, state, _ = reference
-    step = _make_step(student_spec, data, preset, cache=tiny_cache("fp32", backbone=bool(preset["backbone"]["enabled"])))
+    step, source = _make_step(student_spec, data, preset,
+                              cache=tiny_cache("fp32", backbone=bool(preset["backbone"]["enabled"])))
     step.load_state_dict(state)
-    report = _compare(step, step.distiller.dataset(data, step.distiller.preprocessing), reference, "fp32", name)
+    report = _compare(step, source, source.dataset(data), reference, "fp32", name)
     assert all(v <= 1e-6 for v in report.values()), report
 
 
@@ -226,15 +231,15 @@ def test_faithful_on_images_without_boxes(tmp_path, tiny_shapes, tiny_model_toml
                            out=str(cache), codec="fp32", proposals=20, pre_nms_top_n=50, batch_size=1, workers=0,
                            items_per_shard=3, progress=False))
     preset = load_preset("defeat", ["teacher.proposals=20", "teacher.pre_nms_top_n=50"])
-    online = _make_step(student_spec, small, preset, teacher=str(tiny_model_toml),
-                        teacher_checkpoint=str(tiny_teacher_checkpoint))
-    cached = _make_step(student_spec, small, preset, cache=str(cache))
+    online, online_source = _make_step(student_spec, small, preset, teacher=str(tiny_model_toml),
+                                       teacher_checkpoint=str(tiny_teacher_checkpoint))
+    cached, cache_source = _make_step(student_spec, small, preset, cache=str(cache))
     cached.load_state_dict(online.state_dict())
-    ds_on = online.distiller.dataset(small, online.distiller.preprocessing)
-    ds_c = cached.distiller.dataset(small, cached.distiller.preprocessing)
+    ds_on = online_source.dataset(small)
+    ds_c = cache_source.dataset(small)
     for k, keys in enumerate([[(1, 0), (2, 1)], [(0, 1), (2, 0)]]):
-        l_on, g_on = _run(online, [ds_on[key] for key in keys], seed=k)
-        l_c, g_c = _run(cached, [ds_c[key] for key in keys], seed=k)
+        l_on, g_on = _run(online, online_source, [ds_on[key] for key in keys], seed=k)
+        l_c, g_c = _run(cached, cache_source, [ds_c[key] for key in keys], seed=k)
         assert [ds_c[key]["teacher"].gt_logits.shape[0] for key in keys] == [len(small.records[i].boxes)
                                                                             for i, _ in keys]
         if k == 0:  # no GT in the whole batch: no positive RoIs, no object cells
@@ -250,6 +255,7 @@ def test_faithful_on_images_without_boxes(tmp_path, tiny_shapes, tiny_model_toml
 
 # ------------------------------------------------------------------------------------ no teacher in cache mode
 def test_cache_mode_training_builds_no_teacher(tmp_path, monkeypatch, tiny_cache, tiny_student_toml, tiny_shapes):
+    cache = tiny_cache("fp32")  # extracted before counting starts (extraction builds its teacher)
     built = []
     real = zoo.build_detector
 
@@ -257,7 +263,7 @@ def test_cache_mode_training_builds_no_teacher(tmp_path, monkeypatch, tiny_cache
         built.append(spec if isinstance(spec, str) else spec.name)
         return real(spec, num_classes)
 
-    for mod in (zoo, train_mod, distiller_mod, extract_mod):
+    for mod in (zoo, train_mod, sources_mod, extract_mod):
         monkeypatch.setattr(mod, "build_detector", counting)
 
     def no_online(*a, **kw):
@@ -266,10 +272,10 @@ def test_cache_mode_training_builds_no_teacher(tmp_path, monkeypatch, tiny_cache
     def no_teacher_forward(*a, **kw):
         raise AssertionError("teacher forward in cache mode")
 
-    monkeypatch.setattr(distiller_mod.OnlineSource, "__init__", no_online)
-    monkeypatch.setattr(distiller_mod, "teacher_outputs", no_teacher_forward)
+    monkeypatch.setattr(sources_mod.OnlineSource, "__init__", no_online)
+    monkeypatch.setattr(sources_mod, "teacher_outputs", no_teacher_forward)
     summary = train(_train_opts(tmp_path / "run", tiny_student_toml, tiny_shapes, distill=_preset("defeat", tiny_cache),
-                                cache=tiny_cache("fp32")))
+                                cache=cache))
     assert summary["iterations"] == 2
     assert built == ["tiny_student"]
 
@@ -284,7 +290,7 @@ def test_online_mode_training_builds_the_teacher(tmp_path, monkeypatch, tiny_cac
         built.append(spec if isinstance(spec, str) else spec.name)
         return real(spec, num_classes)
 
-    for mod in (zoo, train_mod, distiller_mod):
+    for mod in (zoo, train_mod, sources_mod):
         monkeypatch.setattr(mod, "build_detector", counting)
     train(_train_opts(tmp_path / "run", tiny_student_toml, tiny_shapes, max_iters=1, distill=_preset("defeat", tiny_cache),
                       teacher=str(tiny_model_toml), teacher_checkpoint=str(tiny_teacher_checkpoint)))
@@ -296,7 +302,7 @@ def test_cache_of_other_dataset_is_refused(tmp_path, tiny_cache, tiny_student_to
     from defeat_cache.data.shapes import generate_shapes
     other = generate_shapes(tmp_path / "other", num_train=12, num_val=2, seed=1, min_side=64, max_side=96,
                             progress=False)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         train(_train_opts(tmp_path / "run", tiny_student_toml, other, distill=_preset("defeat", tiny_cache),
                           cache=tiny_cache("fp32")))
     msg = str(e.value)
@@ -306,7 +312,7 @@ def test_cache_of_other_dataset_is_refused(tmp_path, tiny_cache, tiny_student_to
 def test_cache_of_other_preprocessing_is_refused(tmp_path, tiny_cache, tiny_shapes, write_model_toml):
     student = write_model_toml(tmp_path / "student80.toml", backbone={"width_divisor": 8, "fpn_channels": 16},
                                input={"min_size": 80, "max_size": 96})
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         train(_train_opts(tmp_path / "run", student, tiny_shapes, distill=_preset("defeat", tiny_cache),
                           cache=tiny_cache("fp32")))
     msg = str(e.value)
@@ -470,8 +476,8 @@ def test_seeded_kd_sampling_is_per_image(monkeypatch, tiny_cache, student_spec, 
 
     from defeat_cache.models.sampling import item_seed
 
-    step = _make_step(student_spec, data, _preset("cls_subneg", tiny_cache), cache=tiny_cache("fp32"))
-    ds = step.distiller.dataset(data, step.distiller.preprocessing)
+    step, source = _make_step(student_spec, data, _preset("cls_subneg", tiny_cache), cache=tiny_cache("fp32"))
+    ds = source.dataset(data)
     seen, real = [], distiller_mod.roi_class_logits
 
     def recording(student, fpn, rois, sizes):
@@ -484,7 +490,8 @@ def test_seeded_kd_sampling_is_per_image(monkeypatch, tiny_cache, student_spec, 
 
     def run(samples, seeds):
         targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
-        return step([s["image"] for s in samples], targets, samples, seeds)
+        images = [s["image"] for s in samples]
+        return step(images, targets, source.outputs(samples, images), seeds)
 
     run([b, a], [seed_b, seed_a])
     run([a], [seed_a])

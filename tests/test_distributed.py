@@ -150,13 +150,15 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
     # the initial weights: what train() builds for seed 0 before its first step
     from defeat_cache.data.dataset import load_dataset
     from defeat_cache.distill.distiller import build_distiller
+    from defeat_cache.distill.sources import build_teacher_source
     from defeat_cache.engine.train import TrainStep, _set_seed
     from defeat_cache.models.zoo import build_detector, load_model_spec
     spec, ds = load_model_spec(str(student)), load_dataset(str(data), "train")
     _set_seed(0)
     model = build_detector(spec, ds.num_classes)
-    opts = TrainOptions(out=str(tmp_path / "unused"), batch_size=4, **common)
-    init = TrainStep(model, build_distiller(opts, spec, ds, spec.preprocessing, torch.device("cpu"))).state_dict()
+    preset = common["distill"]
+    source = build_teacher_source(ds, spec, preset, torch.device("cpu"), cache=str(cache))
+    init = TrainStep(model, build_distiller(preset, spec, source.facts)).state_dict()
 
     single = _weight_deltas(tmp_path / "single", init)
     for run in ("ddp", "resumed"):
@@ -181,7 +183,7 @@ EVAL_LAUNCHER = textwrap.dedent("""
     from defeat_cache import distributed as du
     from defeat_cache.data.dataset import load_dataset
     from defeat_cache.engine.evaluate import predict
-    from defeat_cache.engine.train import load_trained
+    from defeat_cache.models.checkpoint import load_trained
     ckpt, data, dump = sys.argv[1:4]
     device = du.init_from_env("cpu")
     model, pre, _ = load_trained(ckpt)
@@ -201,7 +203,7 @@ def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoin
 
     from defeat_cache.data.dataset import load_dataset
     from defeat_cache.engine.evaluate import evaluate, predict
-    from defeat_cache.engine.train import load_trained
+    from defeat_cache.models.checkpoint import load_trained
 
     script, dump = tmp_path / "eval.py", tmp_path / "gathered.pt"
     script.write_text(EVAL_LAUNCHER)

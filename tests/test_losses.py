@@ -1,4 +1,8 @@
-"""Tests for defeat_cache.distill.losses against independent hand computations."""
+"""Tests for defeat_cache.distill.losses against independent hand computations.
+
+One level's (L_obj, L_bg) are checked through `neck_distill_loss`, the function training
+calls (with all levels at once), on that single level with unit weights.
+"""
 
 import math
 
@@ -11,7 +15,6 @@ from defeat_cache.distill.losses import (
     cls_kd_terms,
     decoupled_feature_loss,
     decoupled_kl_loss,
-    feature_loss_terms,
     kl_div_with_temperature,
     neck_distill_loss,
     subsample_negatives,
@@ -48,6 +51,12 @@ def ref_kl(zs, zt, T):
     return T * T * sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
 
 
+def one_level_terms(S, T, M, V=None):
+    """Unweighted (L_obj, L_bg) of one level, as neck_distill_loss computes them."""
+    terms = neck_distill_loss([S], [T], [M], [V], alpha_obj=1.0, alpha_bg=1.0)
+    return terms["loss_neck_obj"], terms["loss_neck_bg"]
+
+
 def rand_feats(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).float()
@@ -59,7 +68,7 @@ def test_feature_terms_tiny_handworked():
     s = torch.tensor([[[[3.0, 1.0]]]])
     t = torch.tensor([[[[1.0, 0.0]]]])
     m = torch.tensor([[[1.0, 0.0]]])
-    l_obj, l_bg = feature_loss_terms(s, t, m)
+    l_obj, l_bg = one_level_terms(s, t, m)
     # normaliser max(1, 2*C*count) = max(1, 2) = 2
     assert l_obj.item() == pytest.approx(4.0 / 2.0)
     assert l_bg.item() == pytest.approx(1.0 / 2.0)
@@ -75,7 +84,7 @@ def test_feature_terms_match_reference_batch_normaliser():
     M[0, 0, 0] = 1
     M[0, 1, 1:3] = 1
     M[1, 2, 3] = 1  # counts differ per image: normaliser is over the whole batch
-    l_obj, l_bg = feature_loss_terms(S, T, M)
+    l_obj, l_bg = one_level_terms(S, T, M)
     r_obj, r_bg = ref_terms(S.tolist(), T.tolist(), M.tolist())
     assert l_obj.item() == pytest.approx(r_obj, rel=1e-5)
     assert l_bg.item() == pytest.approx(r_bg, rel=1e-5)
@@ -89,7 +98,7 @@ def test_feature_terms_real_valued_mask():
     S = rand_feats((B, C, H, W), 2)
     T = rand_feats((B, C, H, W), 3)
     M = torch.tensor([[[0.0, 0.25, 1.0], [0.5, 0.75, 0.1]]])
-    l_obj, l_bg = feature_loss_terms(S, T, M)
+    l_obj, l_bg = one_level_terms(S, T, M)
     r_obj, r_bg = ref_terms(S.tolist(), T.tolist(), M.tolist())
     assert l_obj.item() == pytest.approx(r_obj, rel=1e-5)
     assert l_bg.item() == pytest.approx(r_bg, rel=1e-5)
@@ -106,7 +115,7 @@ def test_feature_terms_valid_excludes_cells():
     V = torch.ones(B, H, W, dtype=torch.bool)
     V[1, 2, :] = False
     V[1, :, 2] = False
-    l_obj, l_bg = feature_loss_terms(S, T, M, V)
+    l_obj, l_bg = one_level_terms(S, T, M, V)
     r_obj, r_bg = ref_terms(S.tolist(), T.tolist(), M.tolist(), V.float().tolist())
     assert l_obj.item() == pytest.approx(r_obj, rel=1e-5)
     assert l_bg.item() == pytest.approx(r_bg, rel=1e-5)
@@ -115,7 +124,7 @@ def test_feature_terms_valid_excludes_cells():
     S2[1, :, 2, :] += 100.0
     T2[1, :, :, 2] -= 50.0
     M2[1, 2, 0] = 1.0
-    l_obj2, l_bg2 = feature_loss_terms(S2, T2, M2, V.float())
+    l_obj2, l_bg2 = one_level_terms(S2, T2, M2, V.float())
     assert l_obj2.item() == pytest.approx(l_obj.item(), rel=1e-6)
     assert l_bg2.item() == pytest.approx(l_bg.item(), rel=1e-6)
 
@@ -125,7 +134,7 @@ def test_feature_terms_normaliser_floor_of_one():
     s = torch.tensor([[[[2.0, 0.0]]]])
     t = torch.zeros(1, 1, 1, 2)
     m = torch.tensor([[[0.1, 0.0]]])
-    l_obj, l_bg = feature_loss_terms(s, t, m)
+    l_obj, l_bg = one_level_terms(s, t, m)
     assert l_obj.item() == pytest.approx(0.1 * 4.0 / 1.0)
     # background: (0.9*4 + 1*0) / (2 * 1.9)
     assert l_bg.item() == pytest.approx(0.9 * 4.0 / (2 * 1.9))
@@ -136,7 +145,7 @@ def test_feature_terms_empty_side_is_exact_zero_with_grad(case):
     S = rand_feats((2, 3, 2, 2), 6).requires_grad_(True)
     T = rand_feats((2, 3, 2, 2), 7)
     M = torch.zeros(2, 2, 2) if case == "no_object" else torch.ones(2, 2, 2)
-    l_obj, l_bg = feature_loss_terms(S, T, M)
+    l_obj, l_bg = one_level_terms(S, T, M)
     empty, other = (l_obj, l_bg) if case == "no_object" else (l_bg, l_obj)
     assert empty.item() == 0.0
     assert empty.requires_grad  # still connected to the student graph

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from defeat_cache.data.records import DataError
+from defeat_cache.errors import UserError
 from defeat_cache.models.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from defeat_cache.models.family import FAMILIES, family_of
 from defeat_cache.models.forward import detector_forward
@@ -280,7 +281,7 @@ def test_mismatched_state_dict_names_the_keys(tmp_path, tiny_model_toml):
     state.pop("roi_heads.box_predictor.cls_score.weight")
     state["backbone.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_weights(model, tmp_path / "bad.pt")
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "bad.pt") in msg
@@ -289,29 +290,29 @@ def test_mismatched_state_dict_names_the_keys(tmp_path, tiny_model_toml):
 
     other_classes = _tiny(tiny_model_toml, 0, num_classes=7).state_dict()
     torch.save(other_classes, tmp_path / "classes.pt")
-    with pytest.raises(DataError, match="shape mismatches: roi_heads.box_predictor"):
+    with pytest.raises(UserError, match="shape mismatches: roi_heads.box_predictor"):
         load_weights(model, tmp_path / "classes.pt")
 
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "partial_backbone.pt")
-    with pytest.raises(DataError, match="ImageNet backbone weights; .*missing keys"):
+    with pytest.raises(UserError, match="ImageNet backbone weights; .*missing keys"):
         load_weights(model, tmp_path / "partial_backbone.pt")
 
 
 def test_not_a_checkpoint(tmp_path, tiny_model_toml):
     model = _tiny(tiny_model_toml, 0)
     (tmp_path / "text.pt").write_text("hello, I am not a checkpoint\n")
-    with pytest.raises(DataError, match="not a readable PyTorch checkpoint") as e:
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint") as e:
         load_weights(model, tmp_path / "text.pt")
     assert "\n" not in str(e.value)
     torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(DataError, match="got list"):
+    with pytest.raises(UserError, match="got list"):
         read_checkpoint(tmp_path / "list.pt")
-    with pytest.raises(DataError, match="checkpoint not found"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "missing.pt")
     good = tmp_path / "good.pt"
     torch.save(model.state_dict(), good)
     good.write_bytes(good.read_bytes()[:1000])  # truncated
-    with pytest.raises(DataError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
         read_checkpoint(good)
 
 

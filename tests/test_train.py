@@ -17,11 +17,11 @@ from click.testing import CliRunner
 
 from defeat_cache.cli import main
 from defeat_cache.data.dataset import load_dataset
-from defeat_cache.data.records import DataError
 from defeat_cache.engine.evaluate import evaluate
 from defeat_cache.engine.metrics import COCO_METRIC_NAMES
-from defeat_cache.engine.train import TrainOptions, load_trained, train
-from defeat_cache.models.checkpoint import load_weights, read_checkpoint
+from defeat_cache.engine.train import TrainOptions, train
+from defeat_cache.errors import UserError
+from defeat_cache.models.checkpoint import load_trained, load_weights, read_checkpoint
 from defeat_cache.models.zoo import build_detector, load_model_spec
 
 FRCNN_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -125,14 +125,14 @@ def test_resume_continues_from_last_checkpoint(resumed_run, tiny_model_toml, tin
 
 
 def test_resume_refuses_another_model(resumed_run, tiny_retina_toml, tiny_shapes):
-    with pytest.raises(DataError, match="tiny_frcnn"):
+    with pytest.raises(UserError, match="tiny_frcnn"):
         train(_opts(tiny_retina_toml, tiny_shapes, resumed_run, max_iters=6, resume=True))
 
 
 def test_resume_refuses_another_global_batch(resumed_run, tiny_model_toml, tiny_shapes):
     """Iterations count global batches (e.g. 8 GPUs x 2 resumed on 4 GPUs x 2 would shift the schedule)."""
     batch = _opts(tiny_model_toml, tiny_shapes, resumed_run).batch_size
-    with pytest.raises(DataError, match=f"global batch of {batch} images.*1 x {batch + 1} = {batch + 1}"):
+    with pytest.raises(UserError, match=f"global batch of {batch} images.*1 x {batch + 1} = {batch + 1}"):
         train(_opts(tiny_model_toml, tiny_shapes, resumed_run, max_iters=6, resume=True, batch_size=batch + 1))
     assert read_checkpoint(resumed_run / "last.pt")["iteration"] == 4  # nothing was trained
 
@@ -214,7 +214,7 @@ def test_load_trained_model_from_toml_path(straight_run):
 def test_load_trained_rejects_foreign_files(tmp_path, tiny_model_toml):
     torch.manual_seed(0)
     torch.save(build_detector(str(tiny_model_toml), 3).state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(DataError, match="not a defeat-cache training checkpoint"):
+    with pytest.raises(UserError, match="not a defeat-cache training checkpoint"):
         load_trained(tmp_path / "plain.pt")
 
 
@@ -277,7 +277,7 @@ def test_cli_train_then_eval(tmp_path, tiny_shapes):
     from defeat_cache.models.zoo import load_model_spec
     assert pre == load_model_spec("r18q_fpn_cpu").preprocessing and ck["iteration"] == 2
     assert _max_diff(model.state_dict(), ck["model_state"]) == 0.0
-    with pytest.raises(DataError, match="not 'r50_fpn'"):
+    with pytest.raises(UserError, match="not 'r50_fpn'"):
         load_trained(run / "final.pt", "r50_fpn")
 
     out_json = tmp_path / "metrics" / "eval.json"

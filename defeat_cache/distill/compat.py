@@ -7,7 +7,7 @@ planner before anything starts (pipeline/recipes.py), so the two cannot disagree
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..models.family import FAMILIES
@@ -30,24 +30,35 @@ class IncompatibleError(UserError):
 
 @dataclass(frozen=True)
 class TeacherFacts:
-    """What distillation needs to know of a teacher: what a cache records of it."""
+    """What distillation knows of a teacher before the first batch: what a cache records of it,
+    or what the online teacher's spec says. Compared by family, levels and stages; the channel
+    counts (which size the adaptation layers) and the description ride along."""
 
-    family: str
+    family: str  # "faster_rcnn" | "retinanet"
     fpn_levels: tuple[str, ...]  # names, finest first
     backbone_stages: tuple[str, ...]  # stages its outputs carry; () for a cache extracted without --backbone
+    feature_channels: tuple[int, ...] = field(default=(), compare=False)  # per FPN level
+    backbone_channels: dict = field(default_factory=dict, compare=False)  # stage name -> channels
+    description: str = field(default="", compare=False)  # which cache or checkpoint, for the log
+
+    @property
+    def has_backbone(self) -> bool:
+        return bool(self.backbone_stages)
 
     @classmethod
-    def of_family(cls, family: str, backbone_stages: Iterable[str] = ()) -> TeacherFacts:
+    def of_family(cls, family: str, backbone_stages: Iterable[str] = (), **extra) -> TeacherFacts:
         """A teacher known by its family name (the FPN levels are the family's)."""
         record = FAMILIES.get(family)
         levels = tuple(lv.name for lv in record.fpn_levels) if record else ()
-        return cls(family, levels, tuple(backbone_stages))
+        return cls(family, levels, tuple(backbone_stages), **extra)
 
     @classmethod
-    def of_spec(cls, spec: ModelSpec, with_backbone: bool = True) -> TeacherFacts:
+    def of_spec(cls, spec: ModelSpec, with_backbone: bool = True, description: str = "") -> TeacherFacts:
         """A teacher model run online, or the cache `extract` makes of it (`with_backbone`: --backbone)."""
-        stages = tuple(s.name for s in spec.cached_backbone_stages) if with_backbone else ()
-        return cls(spec.family, tuple(lv.name for lv in spec.fpn_levels), stages)
+        stages = spec.cached_backbone_stages if with_backbone else ()
+        return cls(spec.family, tuple(lv.name for lv in spec.fpn_levels), tuple(s.name for s in stages),
+                   feature_channels=tuple(lv.channels for lv in spec.fpn_levels),
+                   backbone_channels={s.name: s.channels for s in stages}, description=description)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from ..distributed import batch_normaliser
 
 __all__ = [
     "FeatureAdapters",
-    "feature_loss_terms",
     "decoupled_feature_loss",
     "neck_distill_loss",
     "kl_div_with_temperature",
@@ -94,7 +93,7 @@ def _as_bhw(t: Tensor, like: Tensor, name: str) -> Tensor:
 
 
 def _feature_sums(student: Tensor, teacher: Tensor, mask: Tensor, valid: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """([sum(M * E), sum((1 - M) * E)], [2 C sum M, 2 C sum (1 - M)]) of one level (see feature_loss_terms)."""
+    """([sum(M * E), sum((1 - M) * E)], [2 C sum M, 2 C sum (1 - M)]) of one level (see neck_distill_loss)."""
     if student.dim() != 4:
         raise ValueError(f"student must be [B, C, H, W], got {tuple(student.shape)}")
     teacher = teacher.detach()
@@ -117,37 +116,6 @@ def _feature_sums(student: Tensor, teacher: Tensor, mask: Tensor, valid: Optiona
     return sums, counts
 
 
-def feature_loss_terms(
-    student: Tensor, teacher: Tensor, mask: Tensor, valid: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor]:
-    """Unweighted (L_obj, L_bg) of one level, normalised over the whole batch.
-
-    student, teacher: [B, C, H, W] (student already adapted; teacher detached here).
-    mask: [B, H, W] (or [H, W]) in [0, 1], may be real-valued.
-    valid: [B, H, W] bool/float or None (= all valid). Invalid cells are in neither sum nor count.
-
-    L_obj = sum(M * E) / max(1, 2 * C * sum_bhw M),
-    L_bg  = sum((1 - M) * E) / max(1, 2 * C * sum_bhw (1 - M)),  E = (S - T)^2.
-    Under DDP the batch is the global batch (`distributed.batch_normaliser`).
-    """
-    sums, counts = _feature_sums(student, teacher, mask, valid)
-    l_obj, l_bg = sums / batch_normaliser(counts)
-    return l_obj, l_bg
-
-
-def decoupled_feature_loss(
-    student: Tensor,
-    teacher: Tensor,
-    mask: Tensor,
-    alpha_obj: float,
-    alpha_bg: float,
-    valid: Optional[Tensor] = None,
-) -> Tensor:
-    """alpha_obj * L_obj + alpha_bg * L_bg for ONE level (scalar)."""
-    l_obj, l_bg = feature_loss_terms(student, teacher, mask, valid)
-    return alpha_obj * l_obj + alpha_bg * l_bg
-
-
 def neck_distill_loss(
     students: Sequence[Tensor],
     teachers: Sequence[Tensor],
@@ -157,6 +125,14 @@ def neck_distill_loss(
     alpha_bg: float,
 ) -> dict[str, Tensor]:
     """Level-averaged decoupled imitation loss (METHOD.md sec 1; also used for the backbone, sec 3).
+
+    Per level l: students[l], teachers[l] are [B, C, H, W] (student already adapted; teacher
+    detached here); masks[l] is [B, H, W] (or [H, W]) in [0, 1], may be real-valued; valids[l]
+    is [B, H, W] bool/float or None (= all valid): invalid cells are in neither sum nor count.
+
+    L_obj_l = sum(M * E) / max(1, 2 * C * sum_bhw M),
+    L_bg_l  = sum((1 - M) * E) / max(1, 2 * C * sum_bhw (1 - M)),  E = (S - T)^2,
+    normalised over the whole batch (under DDP the global batch: `distributed.batch_normaliser`).
 
     Returns {"loss_neck_obj": alpha_obj * mean_l L_obj_l, "loss_neck_bg": alpha_bg * mean_l L_bg_l}.
     """
@@ -178,6 +154,20 @@ def neck_distill_loss(
         "loss_neck_obj": alpha_obj * terms[:, 0].mean(),
         "loss_neck_bg": alpha_bg * terms[:, 1].mean(),
     }
+
+
+def decoupled_feature_loss(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor,
+    alpha_obj: float,
+    alpha_bg: float,
+    valid: Optional[Tensor] = None,
+) -> Tensor:
+    """Paper Eq. 5 for ONE level: alpha_obj * L_obj + alpha_bg * L_bg (scalar; terms as in
+    neck_distill_loss, which training calls with all levels at once)."""
+    terms = neck_distill_loss([student], [teacher], [mask], [valid], alpha_obj, alpha_bg)
+    return terms["loss_neck_obj"] + terms["loss_neck_bg"]
 
 
 # --------------------------------------------------------------------------------------
@@ -234,7 +224,8 @@ def decoupled_kl_loss(
     t_obj: float,
     t_bg: float,
 ) -> Tensor:
-    """Scalar beta_obj * L_pos + beta_bg * L_neg (paper Eq. 8-9)."""
+    """Paper Eq. 8-9: beta_obj * L_pos + beta_bg * L_neg (scalar): the sum of cls_kd_terms, the
+    function training calls (it logs the two terms apart)."""
     d = cls_kd_terms(student_logits, teacher_logits, positive, beta_obj, beta_bg, t_obj, t_bg)
     return d["loss_cls_pos"] + d["loss_cls_neg"]
 

@@ -1,4 +1,8 @@
-"""Checkpoint files: load torchvision-format weights, save and resume training state."""
+"""Checkpoint files: load torchvision-format weights, write them atomically, and the trained-model format.
+
+A trained model's checkpoint (`final.pt`; `last.pt` adds the training state) is written from
+`trained_model_payload` and read back by `load_trained`: the one place that knows its keys.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.records import DataError
+from .. import __version__
+from ..errors import UserError
+from ..views import Preprocessing
+from .zoo import ModelSpec, build_detector, spec_dict
 
 
 def file_sha256(path: str | Path) -> str:
@@ -23,13 +30,13 @@ def file_sha256(path: str | Path) -> str:
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
+        raise UserError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise DataError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a state dict or a defeat-cache checkpoint, got {type(obj).__name__}")
+        raise UserError(f"{path}: expected a state dict or a defeat-cache checkpoint, got {type(obj).__name__}")
     return obj
 
 
@@ -50,7 +57,7 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
 
     `backbone_only=None` decides from the keys: a torchvision ImageNet ResNet has `conv1.`,
     `layer1.` ... and `fc.`; a detector has `backbone.`. Returns what was loaded. Any key or
-    shape mismatch is a one-line DataError naming the keys, never a silent partial load.
+    shape mismatch is a one-line UserError naming the keys, never a silent partial load.
     """
     state = _state_dict_of(read_checkpoint(path))
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
@@ -78,7 +85,7 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches: {_summarise(shapes, 2)}")
         kind = "ImageNet backbone" if backbone_only else "detector"
-        raise DataError(f"{path}: does not fit this model as {kind} weights; " + "; ".join(parts))
+        raise UserError(f"{path}: does not fit this model as {kind} weights; " + "; ".join(parts))
     model.load_state_dict(state, strict=False)  # completeness was checked above
     return "backbone" if backbone_only else "detector"
 
@@ -89,3 +96,31 @@ def save_checkpoint(path: str | Path, **payload) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def trained_model_payload(spec: ModelSpec, num_classes: int, class_names: list[str], pre: Preprocessing,
+                          iteration: int, model_state: dict) -> dict:
+    """What `load_trained` (and `eval`) need to rebuild a trained model: the whole of final.pt."""
+    return dict(model=spec_dict(spec), num_classes=num_classes, class_names=class_names,
+                preprocessing=pre.to_dict(), iteration=iteration, model_state=model_state, version=__version__)
+
+
+def load_trained(checkpoint: str | Path, model_name: str | None = None, device: str | torch.device = "cpu"):
+    """(model, preprocessing, checkpoint dict) from a checkpoint written by training."""
+    ck = read_checkpoint(checkpoint)
+    if "model_state" in ck:
+        m = ck["model"]
+        if model_name and m["name"] not in (model_name, Path(model_name).stem):
+            raise UserError(f"{checkpoint}: holds a {m['name']!r} model, not {model_name!r}")
+        # Rebuilt from what the checkpoint stores, so models given as TOML paths load too.
+        spec = ModelSpec(name=m["name"], family=m["family"], config=m["config"],
+                         preprocessing=Preprocessing.from_dict(ck["preprocessing"]))
+        model = build_detector(spec, int(ck["num_classes"]))
+        model.load_state_dict(ck["model_state"])
+        return model.to(device), Preprocessing.from_dict(ck["preprocessing"]), ck
+    raise UserError(f"{checkpoint}: not a defeat-cache training checkpoint (no 'model_state'); "
+                    "use --init-weights to start training from foreign weights")
+
+
+__all__ = ["file_sha256", "load_trained", "load_weights", "read_checkpoint", "save_checkpoint",
+           "trained_model_payload"]

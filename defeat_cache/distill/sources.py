@@ -1,0 +1,157 @@
+"""Teacher sources: where a distillation run's teacher outputs come from.
+
+- `CacheSource` streams a TeacherCache through the DataLoader (each sample carries its
+  cached item); no teacher module is ever built. The cache dictates the student's exact
+  input: its preprocessing and views.
+- `OnlineSource` keeps a frozen teacher in memory and computes the same outputs with the same
+  function the extractor uses (`models.teacher.teacher_outputs`), which is what makes the
+  two modes comparable term by term (DESIGN.md invariant 1).
+
+Both offer the same interface. The training loop takes from a source the student's data
+(`preprocessing`, `views`, `dataset(data)`) and, each step, the teacher outputs of the batch
+(`outputs(batch, images)`); the criterion (`distiller.Distiller`) only needs `facts`, what
+the teacher is, to size its adaptation layers, and never sees the source itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..cache import CacheError, TeacherCache
+from ..data.dataset import ViewDataset
+from ..data.records import DataError, DetectionData
+from ..errors import UserError
+from ..models.checkpoint import load_weights
+from ..models.teacher import teacher_outputs
+from ..models.zoo import ModelSpec, build_detector, load_model_spec
+from ..views import Preprocessing, ViewSet
+from .compat import TeacherFacts
+
+
+class TeacherSource(Protocol):
+    """What `CacheSource` and `OnlineSource` both offer."""
+
+    preprocessing: Preprocessing  # the student's exact input
+    views: ViewSet
+    facts: TeacherFacts
+
+    def dataset(self, data: DetectionData) -> ViewDataset:
+        """The student's samples of `data` (with the cached teacher items, for a cache)."""
+
+    def outputs(self, batch: list[dict], images: list[Tensor]) -> list:
+        """The teacher outputs of a batch's samples; `images`: the samples' images on the device."""
+
+
+def _diff(ours: dict, theirs: dict) -> list[str]:
+    return [f"{k}: cache {theirs.get(k)!r} vs this run {ours.get(k)!r}"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+
+
+class CachedViewDataset(ViewDataset):
+    """ViewDataset whose samples also carry the cached teacher item of that (image, view)."""
+
+    def __init__(self, data: DetectionData, pre: Preprocessing, views: ViewSet, cache):
+        super().__init__(data, pre, views)
+        self.cache = cache
+
+    def sample(self, image_index: int, view_index: int) -> dict:
+        s = super().sample(image_index, view_index)
+        # DataError, not UserError: ViewDataset turns it into an error value that
+        # `check_batch` raises in the main process (not a DataLoader worker traceback).
+        try:
+            item = self.cache.read(self.cache.layout.item_index(image_index, view_index))
+        except CacheError as e:
+            raise DataError(str(e)) from None
+        if (item.image_index, item.view_index) != (image_index, view_index) or \
+                tuple(item.image_size) != tuple(s["geometry"].image_size):
+            raise DataError(f"cache item for image {image_index} view {view_index} does not match the "
+                            f"rebuilt student input (sizes {item.image_size} vs {s['geometry'].image_size}); "
+                            "the cache was made from different data or preprocessing")
+        s["teacher"] = item
+        return s
+
+
+class CacheSource:
+    """Teacher outputs read from a cache; refuses a cache that does not fit the run."""
+
+    def __init__(self, path: str, data: DetectionData, student: ModelSpec, storage_options: dict | None = None):
+        self.cache = TeacherCache(path, storage_options=storage_options)
+        prov = self.cache.provenance()
+        ds = prov.get("dataset", {})
+        problems = []
+        if ds.get("fingerprint") != data.fingerprint():
+            problems.append(f"dataset: cache was extracted from {ds.get('name')}/{ds.get('split')} "
+                            f"(fingerprint {ds.get('fingerprint')}), --data gives {data.name}/{data.split} "
+                            f"(fingerprint {data.fingerprint()}): different images, boxes or classes")
+        cached_pre = prov.get("preprocessing", {})
+        problems += [f"preprocessing {d}" for d in _diff(student.preprocessing.to_dict(), cached_pre)]
+        if problems:
+            raise UserError(f"cache {path} does not match this training run: " + "; ".join(problems)
+                            + ". Re-extract the cache for this dataset/preprocessing or use the matching ones.")
+        self.preprocessing = Preprocessing.from_dict(cached_pre)
+        self.views = ViewSet(tuple(prov["views"]))
+        layout = self.cache.layout
+        self.facts = TeacherFacts(
+            family=prov["teacher"]["family"],
+            fpn_levels=tuple(lv.name for lv in layout.feature_levels),
+            backbone_stages=tuple(lv.name for lv in layout.backbone_levels),
+            feature_channels=tuple(lv.channels for lv in layout.feature_levels),
+            backbone_channels={lv.name: lv.channels for lv in layout.backbone_levels},
+            description=f"cache {path} ({prov['teacher']['name']}, codec {layout.codec})")
+
+    def dataset(self, data: DetectionData) -> ViewDataset:
+        return CachedViewDataset(data, self.preprocessing, self.views, self.cache)
+
+    def outputs(self, batch: list[dict], images: list[Tensor]) -> list:
+        return [s["teacher"] for s in batch]
+
+
+class OnlineSource:
+    """A frozen teacher in memory (today's online distillation; our reference for faithfulness)."""
+
+    def __init__(self, teacher_name: str, checkpoint: str, data: DetectionData, student: ModelSpec,
+                 views: ViewSet, device: torch.device, proposals: int, pre_nms_top_n: int, with_backbone: bool):
+        spec = load_model_spec(teacher_name)
+        diff = _diff(student.preprocessing.to_dict(), spec.preprocessing.to_dict())
+        if diff:
+            raise UserError(f"teacher {spec.name} and student {student.name} preprocess differently: "
+                            + "; ".join(d.replace("cache", "teacher") for d in diff))
+        teacher = build_detector(spec, data.num_classes)
+        load_weights(teacher, checkpoint, backbone_only=False)
+        # A plain attribute on a non-Module: the teacher stays out of the student's
+        # parameters, state dict and DDP.
+        self.teacher = teacher.eval().to(device).requires_grad_(False)
+        self.preprocessing, self.views = spec.preprocessing, views
+        # the stages an extracted cache holds (C3-C5), so both sources index them alike
+        self.facts = TeacherFacts.of_spec(spec, with_backbone=True,
+                                          description=f"online teacher {spec.name} ({checkpoint})")
+        self.proposals, self.pre_nms_top_n, self.with_backbone = proposals, pre_nms_top_n, with_backbone
+
+    def dataset(self, data: DetectionData) -> ViewDataset:
+        return ViewDataset(data, self.preprocessing, self.views)
+
+    def outputs(self, batch: list[dict], images: list[Tensor]) -> list:
+        with torch.autocast(images[0].device.type, enabled=False):
+            return teacher_outputs(self.teacher, [im.float() for im in images],
+                                   [s["boxes"] for s in batch], self.proposals, self.pre_nms_top_n,
+                                   self.with_backbone)
+
+
+def build_teacher_source(data: DetectionData, student: ModelSpec, preset: dict, device: torch.device, *,
+                         cache: str | None = None, storage_options: dict | None = None,
+                         teacher: str | None = None, teacher_checkpoint: str | None = None,
+                         views: str = "orig,hflip") -> TeacherSource:
+    """A cache (`cache`, fsspec `storage_options` for a URL; it holds its own views) or an
+    online teacher (`teacher` model name or TOML and its `teacher_checkpoint`, on `views`)."""
+    if cache:
+        return CacheSource(cache, data, student, storage_options)
+    return OnlineSource(teacher, teacher_checkpoint, data, student, ViewSet.parse(views), device,
+                        proposals=int(preset["teacher"]["proposals"]),
+                        pre_nms_top_n=int(preset["teacher"]["pre_nms_top_n"]),
+                        with_backbone=bool(preset["backbone"]["enabled"]))
+
+
+__all__ = ["CacheSource", "CachedViewDataset", "OnlineSource", "TeacherFacts", "TeacherSource", "build_teacher_source"]
