@@ -162,8 +162,15 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
 @click.option("--split", default="train", show_default=True)
 @click.option("--views", default="orig,hflip", show_default=True,
               help="Views to store; orig,hflip serves training's random horizontal flip.")
-@click.option("--codec", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
-              help="Feature codec (fp32 is lossless; see `docs/` for sizes and errors).")
+@click.option("--codec", default="fp16", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16", "int8", "compact"]),
+              help="Feature codec (fp32 is lossless; compact: PCA basis + quantised coefficients, "
+                   "~1/28 of fp16; see docs/benchmarks.md for sizes and errors).")
+@click.option("--compact-step", type=float, default=None,
+              help="compact codec: quantisation step in units of each item's feature rms "
+                   "(default 2.0; larger = smaller cache, larger error).")
+@click.option("--basis-items", default=64, show_default=True,
+              help="compact codec: (image, view) items the per-level bases are fitted on, before any shard.")
 @click.option("--proposals", default=1000, show_default=True, help="RPN proposals kept per image (after NMS).")
 @click.option("--backbone", is_flag=True, help="Also store backbone stage features (backbone distillation).")
 @click.option("--batch-size", default=8, show_default=True)
@@ -173,18 +180,50 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
 @click.option("--amp", is_flag=True, help="Run the teacher in mixed precision on CUDA (faster, less exact).")
 @_storage_option
 @_user_errors
-def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, proposals, backbone, batch_size, workers,
-                device, items_per_shard, amp, storage_option):
+def extract_cmd(teacher, checkpoint, data_toml, out, split, views, codec, compact_step, basis_items, proposals,
+                backbone, batch_size, workers, device, items_per_shard, amp, storage_option):
     """Run the teacher once and write its features, proposals and RoI logits to a cache (resumable)."""
     from .cache.extract import ExtractOptions, extract
     from .distributed import is_main_process
     summary = extract(ExtractOptions(teacher=teacher, checkpoint=checkpoint, data=data_toml, out=out, split=split,
                                      views=views, codec=codec, proposals=proposals, backbone=backbone,
                                      batch_size=batch_size, workers=workers, device=device,
-                                     items_per_shard=items_per_shard, amp=amp,
-                                     storage_options=_storage_options(storage_option)))
+                                     items_per_shard=items_per_shard, amp=amp, compact_step=compact_step,
+                                     basis_items=basis_items, storage_options=_storage_options(storage_option)))
     if is_main_process():  # under torchrun: one summary, not one per rank
         click.echo(json.dumps(summary))
+
+
+@main.command("plan")
+@click.option("--teacher", required=True, help="Teacher model name (`defeat-cache models`) or model TOML.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Teacher weights.")
+@click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False), help="Dataset TOML.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--views", default="orig,hflip", show_default=True)
+@click.option("--codec", "codecs", default="fp32,fp16,bf16,int8,compact", show_default=True,
+              help="Codecs to size, comma-separated.")
+@click.option("--compact-step", type=float, default=None, help="compact codec: its step (default 2.0).")
+@click.option("--proposals", default=1000, show_default=True)
+@click.option("--backbone", is_flag=True, help="Size a cache with backbone stage features too.")
+@click.option("--sample", "sample_images", default=16, show_default=True, help="Images the teacher runs on.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--amp", is_flag=True, help="Time the teacher in mixed precision on CUDA.")
+@click.option("--ranks", default=1, show_default=True, help="Ranks for the extraction time estimate.")
+@click.option("--out", default=None, help="Where the cache would go: reports whether its filesystem has the room "
+                                          "(nothing is written there).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_user_errors
+def plan_cmd(teacher, checkpoint, data_toml, split, views, codecs, compact_step, proposals, backbone, sample_images,
+             batch_size, device, amp, ranks, out, as_json):
+    """Size a cache before extracting it: bytes per view, total and extraction time for each codec."""
+    from .cache.plan import PlanOptions, format_plan, plan_cache
+    p = plan_cache(PlanOptions(teacher=teacher, checkpoint=checkpoint, data=data_toml, split=split, views=views,
+                               codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()),
+                               compact_step=compact_step, proposals=proposals, backbone=backbone,
+                               sample_images=sample_images, batch_size=batch_size, device=device, amp=amp,
+                               ranks=ranks, out=out))
+    click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
 
 
 @main.command("inspect")

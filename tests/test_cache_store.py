@@ -23,6 +23,7 @@ from defeat_cache.cache import (
     item_index,
     meta_columns,
 )
+from defeat_cache.cache.compact import BasisFitter
 from defeat_cache.cache.codec_bench import measure_codec
 from defeat_cache.cache.codecs import CODECS
 from defeat_cache.models.teacher import TeacherOutput
@@ -171,6 +172,9 @@ def test_measure_codec_targets():
     assert res["fp16"]["max_rel_l2_error"] <= 1e-3
     assert res["int8"]["max_rel_l2_error"] <= 1e-2
     assert res["int8"]["bytes_per_item"] <= 0.30 * res["fp32"]["fp32_bytes_per_item"]
+    # compact: a basis fitted on these features, fewer bytes than fp16 at a bounded error
+    assert res["compact"]["bytes_per_item"] < res["fp16"]["bytes_per_item"]
+    assert 0 < res["compact"]["max_rel_l2_error"] < 0.5 and res["compact"]["basis_ranks"][0] <= 16
     for r in res.values():
         assert r["encode_MBps"] > 0 and r["decode_MBps"] > 0
 
@@ -384,7 +388,11 @@ def test_codec_units():
     c = np.full((1, 1, 3, 3), 2.5, np.float32)
     q, prm = CODECS["int8"].encode(c)
     assert torch.equal(CODECS["int8"].decode(torch.from_numpy(q), torch.from_numpy(prm)), torch.from_numpy(c))
+    fitter = BasisFitter(3)
+    for item in x:
+        fitter.add(torch.from_numpy(item))
+    basis = fitter.fit(2.0)
     for name, codec in CODECS.items():
-        st, prm = codec.encode(x)
+        st, prm = codec.encode(x, basis=basis if codec.needs_basis else None)
         assert st.dtype == codec.stored_dtype, name
         assert (prm is not None) == codec.has_params, name

@@ -326,7 +326,7 @@ def test_backbone_preset_needs_backbone_cache(tiny_cache, student_spec, data):
 
 
 # ------------------------------------------------------------------------------------ every preset trains
-EXPECTED = {  # METHOD.md: the loss names each paper preset must log
+EXPECTED = {  # docs/method.md#logged-loss-terms: the loss names each paper preset must log
     "defeat": {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"},
     "neck_all": {"loss_neck"},
     "cls_all": {"loss_cls_kd"},
@@ -421,7 +421,7 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
         assert not {k for k in line if k.startswith("loss_cls_")}
         assert all(math.isfinite(line[k]) for k in ("loss_neck_obj", "loss_neck_bg", "loss"))
 
-    # backbone imitation (METHOD.md sec 5: RetinaNet neck + optional backbone) once cls KD is switched off;
+    # backbone imitation (docs/method.md#retinanet: RetinaNet neck + optional backbone) once cls KD is switched off;
     # only `defeat` drops its RoI part by itself (docs/method.md), so defeat_backbone needs cls.enabled=false
     with pytest.raises(IncompatibleError, match="cls.enabled=false"):
         train(_train_opts(tmp_path / "run_bb_cls", retina_student_toml, tiny_shapes, max_iters=1,

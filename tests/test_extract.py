@@ -159,7 +159,7 @@ def test_backbone_features_equal_teacher_body(tiny_cache, direct):
     teacher, ref = direct
     cache = TeacherCache(tiny_cache("fp32", backbone=True))
     names = [l.name for l in cache.layout.backbone_levels]
-    # the stages METHOD.md sec 3 distils must be there (C2 optional), in order
+    # the stages docs/method.md#backbone-distillation distils must be there (C2 optional), in order
     assert {"c3", "c4", "c5"} <= set(names) <= {"c2", "c3", "c4", "c5"} and names == sorted(names)
     for i in (0, 1, 7, len(ref) - 1):
         s, o = ref[i]

@@ -23,7 +23,7 @@ from defeat_cache.distill.losses import (
 
 # ----------------------------------------------------------------------------- helpers
 def ref_terms(S, T, M, V=None):
-    """Plain-python reference of METHOD.md sec 1 for one level (nested lists / loops)."""
+    """Plain-python reference of docs/method.md#neck-distillation for one level (nested lists / loops)."""
     B, C, H, W = len(S), len(S[0]), len(S[0][0]), len(S[0][0][0])
     num_o = num_b = cnt_o = cnt_b = 0.0
     for b in range(B):

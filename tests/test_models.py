@@ -134,7 +134,7 @@ def test_family_levels_and_stages_on_the_spec(tiny_model_toml, tiny_retina_toml)
         [("c2", 4, 16), ("c3", 8, 32), ("c4", 16, 64), ("c5", 32, 128)]
     assert [(s.name, s.channels) for s in retina.backbone_stages] == [("c3", 32), ("c4", 64), ("c5", 128)]
     assert retina.backbone_channels == [32, 64, 128]
-    # a cache stores C3-C5 for both families (METHOD.md sec 3)
+    # a cache stores C3-C5 for both families (docs/method.md#backbone-distillation)
     assert frcnn.cached_backbone_stages == retina.cached_backbone_stages == retina.backbone_stages
     assert frcnn.has_roi_head and not retina.has_roi_head
     assert sorted(FAMILIES) == ["faster_rcnn", "retinanet"]

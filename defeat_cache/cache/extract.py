@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from ..models.teacher import TeacherOutput, teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet, view_geometry
+from .codecs import CODECS, get_codec
+from .compact import BasisFitter, LevelBasis
 from .errors import NonFiniteError
 from .layout import CacheLayout, LevelSpec
 from .writer import CacheWriter
@@ -55,6 +58,17 @@ class ExtractOptions:
     items_per_shard: int | None = None
     progress: bool = True
     storage_options: dict | None = None  # fsspec options for a URL `out` (s3://...); never stored
+    compact_step: float | None = None  # compact codec: quantisation step / item rms (None: its default)
+    basis_items: int = 64  # compact codec: items the per-level bases are fitted on
+
+
+def codec_options(codec: str, compact_step: float | None) -> dict:
+    """The layout's `codec_options` for a codec name and the extract options that tune it."""
+    if codec == "compact":
+        return get_codec(codec, {"step": compact_step} if compact_step is not None else None).options()
+    if compact_step is not None:
+        raise DataError(f"--compact-step applies to --codec compact, not {codec}")
+    return {}
 
 
 def feature_level_names(spec: ModelSpec) -> list[str]:
@@ -62,7 +76,8 @@ def feature_level_names(spec: ModelSpec) -> list[str]:
 
 
 def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views: ViewSet, codec: str,
-                proposals: int, backbone: bool, items_per_shard: int | None) -> CacheLayout:
+                proposals: int, backbone: bool, items_per_shard: int | None,
+                options: dict | None = None) -> CacheLayout:
     """Array shapes from annotation sizes alone (no image is decoded)."""
     max_h = max_w = 0
     for r in data.records:
@@ -82,6 +97,7 @@ def plan_layout(spec: ModelSpec, data: DetectionData, pre: Preprocessing, views:
                        feature_levels=levels, backbone_levels=bb_levels,
                        max_proposals=proposals if spec.has_roi_head else 0, max_gt=max_gt,
                        num_logits=data.num_classes if spec.has_roi_head else 0, codec=codec,
+                       codec_options=dict(options or {}), logits_dtype=get_codec(codec).logits_dtype,
                        num_views=len(views))
 
 
@@ -99,7 +115,36 @@ def provenance(spec: ModelSpec, checkpoint_sha: str, data: DetectionData, pre: P
         "proposals": {"post_nms_top_n": opts.proposals, "pre_nms_top_n_per_level": opts.pre_nms_top_n},
         "backbone_features": opts.backbone,
         "teacher_amp": opts.amp,
+        **({"basis_sample": {"items": opts.basis_items, "seed": BASIS_SEED}} if get_codec(opts.codec).needs_basis else {}),
     }
+
+
+BASIS_SEED = 0
+
+
+def basis_sample(num_items: int, n: int) -> list[int]:
+    """The items a cache's bases are fitted on: a fixed random sample, the same whatever the
+    number of ranks or where a resumed run starts (only the creating rank fits, once)."""
+    return sorted(random.Random(BASIS_SEED).sample(range(num_items), min(n, num_items)))
+
+
+def fit_bases(teacher, dataset: Dataset, layout: CacheLayout, step: float, items: list[int], opts: ExtractOptions,
+              device: torch.device, batch_size: int = 8) -> dict[str, LevelBasis]:
+    """Per level array, the basis of the teacher's own features over `items` (compact.py)."""
+    fitters = {name: BasisFitter(spec.channels) for name, spec in layout.all_levels}
+    use_amp = opts.amp and device.type == "cuda"
+    for k in range(0, len(items), batch_size):
+        batch = check_batch([dataset[i] for i in items[k:k + batch_size]])
+        with torch.autocast(device.type, enabled=use_amp):
+            outs = teacher_outputs(teacher, [s["image"].to(device) for s in batch], [s["boxes"] for s in batch],
+                                   opts.proposals, opts.pre_nms_top_n, opts.backbone)
+        for o in outs:
+            for (name, _), f in zip(layout.all_levels, o.features + (o.backbone_features or [])):
+                fitters[name].add(f)
+    bases = {name: f.fit(step) for name, f in fitters.items()}
+    log("compact bases (rank kept / channels, explained energy): " + ", ".join(
+        f"{name.split('/')[-1]} {b.rank}/{b.channels} {b.explained():.1%}" for name, b in bases.items()))
+    return bases
 
 
 class _ItemDataset(Dataset):
@@ -188,15 +233,32 @@ def extract(opts: ExtractOptions) -> dict:
     data = load_dataset(opts.data, opts.split)
     if not Path(opts.checkpoint).is_file():
         raise DataError(f"{opts.checkpoint}: teacher checkpoint not found")
-    from .codecs import CODECS
     if opts.codec not in CODECS:
         raise DataError(f"--codec {opts.codec!r}: choose one of {', '.join(CODECS)}")
-    layout = plan_layout(spec, data, pre, views, opts.codec, opts.proposals, opts.backbone, opts.items_per_shard)
+    try:
+        options = codec_options(opts.codec, opts.compact_step)
+    except ValueError as e:
+        raise DataError(f"--compact-step: {e}") from None
+    if opts.basis_items < 2:
+        raise DataError(f"--basis-items {opts.basis_items}: need at least 2 items to fit a basis")
+    layout = plan_layout(spec, data, pre, views, opts.codec, opts.proposals, opts.backbone, opts.items_per_shard,
+                         options)
     prov = provenance(spec, file_sha256(opts.checkpoint), data, pre, views, opts)
+    dataset = _ItemDataset(ViewDataset(data, pre, views), layout)
+    built: list = []  # the teacher, built on first use: a complete cache needs none
 
-    # Rank 0 creates (or checks) the store; the others open it after it exists.
+    def get_teacher():
+        if not built:
+            built.append(_prepare_teacher(spec, opts.checkpoint, data.num_classes, device))
+        return built[0]
+
+    # Rank 0 creates (or checks) the store, fitting the bases first if the codec needs them;
+    # the others open it after it exists.
     so = opts.storage_options
-    writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True, storage_options=so) \
+    fit = lambda: fit_bases(get_teacher(), dataset, layout, float(options["step"]),  # noqa: E731
+                            basis_sample(layout.num_items, opts.basis_items), opts, device)
+    writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True, storage_options=so,
+                                          fit_bases=fit if layout.codec_object().needs_basis else None) \
         if du.is_main_process() else None
     du.barrier()
     if writer is None:
@@ -211,8 +273,7 @@ def extract(opts: ExtractOptions) -> dict:
         f"{layout.items_per_shard}, codec {opts.codec}; {total_pending} shards to do"
         + (f", {len(pending)} on this rank" if du.world_size() > 1 else ""))
 
-    teacher = _prepare_teacher(spec, opts.checkpoint, data.num_classes, device)
-    dataset = _ItemDataset(ViewDataset(data, pre, views), layout)
+    teacher = get_teacher()
     order = [i for s in pending for i in writer.shard_items(s)]
     loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",

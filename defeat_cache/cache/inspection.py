@@ -49,11 +49,23 @@ def inspect_cache(cache: "TeacherCache") -> dict:
         "bytes_per_item": (total / items_done) if items_done else None,
         "feature_bytes_per_item": (feature_bytes / items_done) if items_done else None,
         "levels": {
-            name: {"channels": spec.channels, "max_hw": [spec.max_h, spec.max_w],
+            name: {"channels": spec.channels, "stored_channels": spec.stored, "max_hw": [spec.max_h, spec.max_w],
                    "padded_hw": list(spec.padded), "tile": list(spec.tile)}
             for name, spec in L.all_levels
         },
     }
+    # bytes per view by kind: what a codec costs in features, RoI arrays and side data
+    kinds = {"features": ("features/", "backbone/", "params"), "roi_arrays": ("rois", "logits"),
+             "side_data": ("bases/",), "meta": ("meta",)}
+    if items_done:
+        out["bytes_per_item_by_kind"] = {
+            kind: sum(v["bytes_stored"] for k, v in arrays.items() if k.startswith(prefixes)) / items_done
+            for kind, prefixes in kinds.items()}
+    for (name, _), basis in zip(L.all_levels, cache.bases):
+        if basis is not None:  # what the stored rank keeps of the teacher's centred energy
+            out["levels"][name]["explained_energy"] = round(basis.explained(), 4)
+            out["levels"][name]["explained_energy_by_rank"] = {
+                r: round(basis.explained(r), 4) for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r <= basis.channels}
     root = None
     try:
         root = storage.local_root(storage.open_group(cache.path, "r", cache.storage_options))

@@ -9,13 +9,21 @@ V = num_views; item ``item_index(image, view) = image * V + view``):
         inner chunks (1, C, th, tw): th = min(64, max_h) (tw likewise), Hp/Wp = max_h/max_w
         padded up to a multiple of th/tw; shards (S, C, Hp, Wp).  An item is written
         zero-padded beyond its own extent, so tiles fully outside it are fill, never stored.
-    params                         [N, sum(C over all levels), 2] float32 (int8 codec only):
-                                   per channel [min, scale]; feature levels then backbone
-                                   levels, in layout order.
-    rois                           [N, P + G, 5 + K] float32.  Rows 0..P-1: proposals
+        With a basis codec (compact) the channel axis holds the r stored components of the
+        level's basis (`LevelSpec.stored_channels`), not its C channels.
+    bases/features/<level>         [2 + r, C] float32 (basis codecs only; written once, before any
+    bases/backbone/<stage>         shard): row 0 the mean, row 1 the variances of all C principal
+                                   components, rows 2.. the r stored components (compact.py).
+    params                         [N, sum(stored channels over all levels), P] float32 (codecs with
+                                   params): int8 per channel [min, scale]; compact per component
+                                   [step]; feature levels then backbone levels, in layout order.
+    rois                           [N, P + G, 5 + K] float32 (logits_dtype float32) or
+                                   [N, P + G, 5] (otherwise).  Rows 0..P-1: proposals
                                    [x1, y1, x2, y2, objectness, logits...]; rows P..P+G-1:
                                    gt boxes [x1, y1, x2, y2, 0, logits...].  Zero beyond
                                    n_proposals / n_gt.
+    logits                         [N, P + G, K] logits_dtype (only when it is not float32):
+                                   the logits columns of `rois`, same rows.
     meta                           [N, M] int64, columns ``meta_columns(layout)``:
                                    image_index, view_index, n_proposals, n_gt, image_h,
                                    image_w, canvas_h, canvas_w, then (h, w) per feature level,
@@ -26,6 +34,10 @@ V = num_views; item ``item_index(image, view) = image * V + view``):
 
 All per-item arrays are chunked one item per chunk and sharded S items per shard, so a
 shard is one file per array.  Every chunk carries a crc32c checksum (see codecs.py).
+
+Schema versions: 1 had no bases, no `logits` array and no `stored_channels` / `codec_options` /
+`logits_dtype` fields; version 2 added them with defaults that describe a version-1 cache
+exactly, so both read the same way.
 """
 from __future__ import annotations
 
@@ -37,10 +49,11 @@ import numpy as np
 
 from .codecs import get_codec
 
-__all__ = ["SCHEMA_VERSION", "TILE", "LevelSpec", "CacheLayout", "ItemMeta", "META_FIXED", "meta_columns",
+__all__ = ["SCHEMA_VERSION", "READABLE_SCHEMA_VERSIONS", "TILE", "LevelSpec", "CacheLayout", "ItemMeta", "META_FIXED", "meta_columns",
            "item_index", "image_view"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 TILE = 64  # inner chunk edge: an item's padding beyond its extent costs at most one tile per edge
 
 
@@ -60,6 +73,12 @@ class LevelSpec:
     channels: int
     max_h: int
     max_w: int
+    #: channels stored per item: the basis rank for basis codecs, else 0 (= channels)
+    stored_channels: int = 0
+
+    @property
+    def stored(self) -> int:
+        return self.stored_channels or self.channels
 
     @property
     def tile(self) -> tuple[int, int]:
@@ -81,6 +100,10 @@ class CacheLayout:
     max_gt: int
     num_logits: int
     codec: str
+    #: the codec's settings (e.g. compact's step); empty for codecs without any
+    codec_options: dict = dataclasses.field(default_factory=dict)
+    #: dtype of the RoI logits (float32: inside `rois`; else a separate `logits` array)
+    logits_dtype: str = "float32"
     # items are (image, view) pairs in `item_index` order; the writer checks every item's place.
     num_views: int = 1
 
@@ -107,6 +130,31 @@ class CacheLayout:
     def total_channels(self) -> int:
         return sum(l.channels for _, l in self.all_levels)
 
+    @property
+    def total_stored_channels(self) -> int:
+        """Rows of `params`: the stored channels of every level, in layout order."""
+        return sum(l.stored for _, l in self.all_levels)
+
+    @property
+    def separate_logits(self) -> bool:
+        return self.logits_dtype != "float32"
+
+    def codec_object(self):
+        """The feature codec with this layout's settings."""
+        return get_codec(self.codec, self.codec_options)
+
+    def basis_names(self) -> list[str]:
+        """The basis array of each level (basis codecs only), in layout order."""
+        return [f"bases/{n}" for n, _ in self.all_levels] if get_codec(self.codec).needs_basis else []
+
+    def with_ranks(self, ranks: dict[str, int]) -> "CacheLayout":
+        """This layout with each level's stored channels set (array name -> basis rank)."""
+        def spec(name, l):
+            return dataclasses.replace(l, stored_channels=int(ranks[name]))
+        fl = [spec(f"features/{l.name}", l) for l in self.feature_levels]
+        bl = [spec(f"backbone/{l.name}", l) for l in self.backbone_levels]
+        return dataclasses.replace(self, feature_levels=fl, backbone_levels=bl)
+
     def item_index(self, image: int, view: int) -> int:
         return item_index(image, view, self.num_views)
 
@@ -122,10 +170,13 @@ class CacheLayout:
 
     def array_names(self) -> list[str]:
         """Every array of the group, level arrays first."""
-        names = [n for n, _ in self.all_levels]
+        names = [n for n, _ in self.all_levels] + self.basis_names()
         if get_codec(self.codec).has_params:
             names.append("params")
-        return names + ["rois", "meta", "shard_done"]
+        names.append("rois")
+        if self.separate_logits:
+            names.append("logits")
+        return names + ["meta", "shard_done"]
 
     def validate(self) -> None:
         def bad(msg: str):
@@ -144,7 +195,12 @@ class CacheLayout:
         if (not no_roi_head and (self.max_proposals < 1 or self.num_logits < 1)) or self.max_gt < 0:
             bad(f"max_proposals={self.max_proposals} (>=1), max_gt={self.max_gt} (>=0), "
                 f"num_logits={self.num_logits} (>=1), or both 0 for a teacher without RoI head")
-        get_codec(self.codec)
+        try:
+            self.codec_object()
+        except ValueError as e:
+            bad(str(e))
+        if self.logits_dtype not in ("float32", "float16"):
+            bad(f"logits_dtype={self.logits_dtype!r} must be float32 or float16")
         for kind, levels in (("feature", self.feature_levels), ("backbone", self.backbone_levels)):
             names = [l.name for l in levels]
             if len(set(names)) != len(names):
@@ -154,6 +210,8 @@ class CacheLayout:
                     bad(f"{kind} level name {l.name!r} is not a valid array name")
                 if min(l.channels, l.max_h, l.max_w) < 1:
                     bad(f"{kind} level {l.name}: channels/max_h/max_w must be >= 1, got {l}")
+                if not 0 <= l.stored_channels <= l.channels:
+                    bad(f"{kind} level {l.name}: stored_channels={l.stored_channels} outside [0, {l.channels}]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -48,6 +48,17 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _without_ranks(layout: dict | None) -> dict | None:
+    """A layout dict without the basis ranks: they are fitted when the cache is created, so a
+    resuming run (which has not fitted anything) compares everything else."""
+    if not isinstance(layout, dict):
+        return layout
+    out = dict(layout)
+    for key in ("feature_levels", "backbone_levels"):
+        out[key] = [{k: v for k, v in lv.items() if k != "stored_channels"} for lv in layout.get(key) or []]
+    return out
+
+
 def comparable_part(layout: CacheLayout, provenance: dict) -> dict:
     """The COMPARED_KEYS of a manifest for this layout and provenance (JSON-normalised)."""
     return {
@@ -66,8 +77,8 @@ def new_manifest(layout: CacheLayout, provenance: dict) -> dict:
         "created": now(),
         "software_version": _software_version(),
         "meta_columns": meta_columns(layout),
-        "rois_columns": ["x1", "y1", "x2", "y2", "objectness", "logits..."],
-        "feature_compressors": _jsonable(get_codec(layout.codec).describe_compressors(), "compressors"),
+        "rois_columns": ["x1", "y1", "x2", "y2", "objectness"] + ([] if layout.separate_logits else ["logits..."]),
+        "feature_compressors": _jsonable(layout.codec_object().describe_compressors(), "compressors"),
     })
     return manifest
 
@@ -76,6 +87,7 @@ def mismatch_message(path, stored: dict, ours: dict) -> str | None:
     """None if the compared parts agree, else a message naming every differing key."""
     def flat(m):
         c = {k: m.get(k) for k in COMPARED_KEYS}
+        c["layout"] = _without_ranks(c.get("layout"))
         out = _flatten(c.get("provenance") or {})  # provenance keys shown bare: teacher=...
         for k in COMPARED_KEYS:
             if k != "provenance":

@@ -7,6 +7,7 @@ live in verify.py and inspection.py; TeacherCache offers both as methods.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,11 +18,22 @@ from . import storage
 from .codecs import FeatureCodec, get_codec, stored_to_torch
 from .errors import CacheError, CacheMismatchError, IncompleteCacheError, NotACacheError
 from .inspection import inspect_cache
-from .layout import SCHEMA_VERSION, CacheLayout, ItemMeta
+from .compact import LevelBasis
+from .layout import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, CacheLayout, ItemMeta
 from .manifest import MANIFEST_KEY
 from .verify import VerifyReport, verify_cache
 
-__all__ = ["TeacherCache"]
+__all__ = ["TeacherCache", "EncodedItem"]
+
+
+@dataclass
+class EncodedItem:
+    """An item as stored: the record without its levels, each level's stored tensor (cropped to
+    its extent) and the item's params row. `TeacherCache.decode_item` turns it into the record."""
+
+    record: TeacherOutput
+    stored: list[torch.Tensor]
+    params: torch.Tensor | None
 
 
 class TeacherCache:
@@ -41,19 +53,25 @@ class TeacherCache:
                                  f"(no {MANIFEST_KEY!r} manifest)")
         self.manifest: dict = dict(group.attrs[MANIFEST_KEY])
         sv = self.manifest.get("schema_version")
-        if sv != SCHEMA_VERSION:
+        if sv not in READABLE_SCHEMA_VERSIONS:
             raise CacheMismatchError(f"cache at {path} has schema_version={sv}, this software "
-                                     f"reads schema_version={SCHEMA_VERSION}; re-extract it")
+                                     f"reads schema versions {list(READABLE_SCHEMA_VERSIONS)} "
+                                     f"(writes {SCHEMA_VERSION}); re-extract it")
         if not self.manifest.get("complete") and not allow_incomplete:
             raise IncompleteCacheError(
                 f"cache at {path} is incomplete (extraction did not finish); re-run the extract "
                 f"command to finish it, or pass allow_incomplete=True")
         self.layout = CacheLayout.from_dict(self.manifest["layout"])
-        self.codec: FeatureCodec = get_codec(self.layout.codec)
+        self.codec: FeatureCodec = self.layout.codec_object()
         self.num_views = self.layout.num_views
         self._level_names = [n for n, _ in self.layout.all_levels]
         self._nf = len(self.layout.feature_levels)
-        offs = np.cumsum([0] + [s.channels for _, s in self.layout.all_levels])
+        # the bases are small (a few C x C floats per level): read once, kept with the reader
+        self.bases: list[LevelBasis | None] = [
+            LevelBasis.from_array(np.asarray(group[f"bases/{n}"][:])) if self.codec.needs_basis else None
+            for n in self._level_names]
+        self._device_bases: dict = {}
+        offs = np.cumsum([0] + [s.stored for _, s in self.layout.all_levels])
         self._chan_slices = [slice(int(a), int(b)) for a, b in zip(offs[:-1], offs[1:])]
         self._arrays: dict | None = None
         self._pid: int | None = None
@@ -81,12 +99,26 @@ class TeacherCache:
         return dict(self.manifest.get("provenance") or {})
 
     # ---- reading
-    def decode_level(self, stored: np.ndarray, params: np.ndarray | None, level_index: int) -> torch.Tensor:
-        """Stored values of one level (index into layout.all_levels) -> float32 tensor;
-        ``params``: the item's whole params row (int8 codec), sliced to that level here."""
-        prm = None if params is None else torch.from_numpy(
-            np.ascontiguousarray(params[..., self._chan_slices[level_index], :]))
-        return self.codec.decode(stored_to_torch(stored), prm).contiguous()
+    def decode_level(self, stored: np.ndarray | torch.Tensor, params: np.ndarray | torch.Tensor | None,
+                     level_index: int) -> torch.Tensor:
+        """Stored values of one level (index into layout.all_levels) -> float32 tensor on the
+        stored tensor's device; ``params``: the item's whole params row, sliced to that level here."""
+        if isinstance(stored, np.ndarray):
+            stored = stored_to_torch(stored)
+        prm = None
+        if params is not None:
+            prm = params[..., self._chan_slices[level_index], :]
+            prm = torch.from_numpy(np.ascontiguousarray(prm)) if isinstance(prm, np.ndarray) else prm.to(stored.device)
+        return self.codec.decode(stored, prm, basis=self._basis(level_index, stored.device)).contiguous()
+
+    def _basis(self, level_index: int, device) -> LevelBasis | None:
+        basis = self.bases[level_index]
+        if basis is None or torch.device(device).type == "cpu":
+            return basis
+        key = (level_index, str(device))  # moved to a device once, not once per item
+        if key not in self._device_bases:
+            self._device_bases[key] = basis.to(device)
+        return self._device_bases[key]
 
     def read(self, item_index: int) -> TeacherOutput:
         """One item, decoded to float32 torch tensors cropped to its own extents.
@@ -101,37 +133,66 @@ class TeacherCache:
             raise CacheError(f"cache {self.path}: reading item {item_index} failed "
                              f"({type(e).__name__}: {e})") from e
 
-    def _read(self, i: int) -> TeacherOutput:
+    def _read(self, i: int, decode: bool = True):
         A = self.open_arrays()
         meta = ItemMeta.from_row(A["meta"][i])
         if not meta.written:
             raise IncompleteCacheError(f"item {i} of cache {self.path} was never written "
                                        f"(shard {i // self.layout.items_per_shard} not done)")
-        reqs = [(A["rois"], i)]
-        if self.codec.has_params:
-            reqs.append((A["params"], i))
+        small = ["rois"] + (["logits"] if self.layout.separate_logits else []) + \
+            (["params"] if self.codec.has_params else [])
+        reqs = [(A[name], i) for name in small]
         for name, (h, w) in zip(self._level_names, meta.extents):
             reqs.append((A[name], (i, slice(None), slice(0, h), slice(0, w))))
         res = storage.get_many(reqs)
-        rois = torch.from_numpy(np.ascontiguousarray(res[0]))
-        params = res[1] if self.codec.has_params else None
-        stored = res[2:] if self.codec.has_params else res[1:]
-        levels = [self.decode_level(s, params, li) for li, s in enumerate(stored)]
+        got = dict(zip(small, res))
+        stored = res[len(small):]
+        rois = torch.from_numpy(np.ascontiguousarray(got["rois"]))
+        logits = torch.from_numpy(got["logits"].astype(np.float32)) if "logits" in got else rois[:, 5:]
         n, g = meta.n_proposals, meta.n_gt
         P = self.layout.max_proposals
-        return TeacherOutput(
+        record = TeacherOutput(
             image_index=meta.image_index,
             view_index=meta.view_index,
             image_size=meta.image_size,
             canvas_size=meta.canvas_size,
-            features=levels[: self._nf],
+            features=[],
             proposals=rois[:n, :4].clone(),
             objectness=rois[:n, 4].clone(),
-            proposal_logits=rois[:n, 5:].clone(),
+            proposal_logits=logits[:n].clone(),
             gt_boxes=rois[P:P + g, :4].clone(),
-            gt_logits=rois[P:P + g, 5:].clone(),
-            backbone_features=levels[self._nf:] if self.layout.backbone_levels else None,
+            gt_logits=logits[P:P + g].clone(),
         )
+        params = got.get("params")
+        if not decode:
+            return EncodedItem(record, [stored_to_torch(x) for x in stored],
+                               None if params is None else torch.from_numpy(np.ascontiguousarray(params)))
+        return self._with_levels(record, [self.decode_level(x, params, li) for li, x in enumerate(stored)])
+
+    def _with_levels(self, record: TeacherOutput, levels: list[torch.Tensor]) -> TeacherOutput:
+        record.features = levels[: self._nf]
+        record.backbone_features = levels[self._nf:] if self.layout.backbone_levels else None
+        return record
+
+    def read_encoded(self, item_index: int) -> "EncodedItem":
+        """One item with its levels still in the stored form (codes + params), for `decode_item`
+        on the training device: decoding there moves less data to the device and spends no
+        DataLoader-worker time on it (a compact level is one matrix product on the device)."""
+        if not 0 <= item_index < len(self):
+            raise IndexError(f"item {item_index} out of range [0, {len(self)})")
+        try:
+            return self._read(item_index, decode=False)
+        except CacheError:
+            raise
+        except Exception as e:
+            raise CacheError(f"cache {self.path}: reading item {item_index} failed "
+                             f"({type(e).__name__}: {e})") from e
+
+    def decode_item(self, item: "EncodedItem", device="cpu") -> TeacherOutput:
+        """An `EncodedItem` -> the TeacherOutput `read` returns, its levels decoded on `device`."""
+        params = None if item.params is None else item.params.to(device, non_blocking=True)
+        levels = [self.decode_level(x.to(device, non_blocking=True), params, li) for li, x in enumerate(item.stored)]
+        return self._with_levels(item.record, levels)
 
     __getitem__ = read
 

@@ -35,13 +35,13 @@ class VerifyReport:
 def _check_shard_files(A: dict, names: list[str], s: int, rep: VerifyReport) -> None:
     store = A["meta"].store
     for name in names:
-        if name == "shard_done":
+        if name == "shard_done" or name.startswith("bases/"):
             continue
         arr = A[name]
         key = f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
         # rois/params of a shard can legitimately be all fill (no boxes); meta never is,
         # and all-zero teacher features for a whole shard would be a problem anyway.
-        if name in ("rois", "params") or storage.exists(store, key):
+        if name in ("rois", "logits", "params") or storage.exists(store, key):
             continue
         hint = "" if name == "meta" else " (or every value in it is zero)"
         rep.problems.append(f"shard {s}: {name} shard file {key} missing{hint}")
@@ -59,6 +59,12 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
     except Exception as e:
         rep.problems.append(f"shard_done markers unreadable: {type(e).__name__}: {e}")
         done = np.zeros(L.num_shards, bool)
+    for name in L.basis_names():  # side data every shard decodes with
+        try:
+            if not np.isfinite(np.asarray(A[name][:])).all():
+                rep.problems.append(f"{name}: basis holds non-finite values")
+        except Exception as e:
+            rep.problems.append(f"{name}: basis unreadable ({type(e).__name__}: {e})")
     for s in range(L.num_shards):
         rng = L.shard_items(s)
         if not done[s]:
@@ -86,6 +92,7 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
 
         metas = [ItemMeta.from_row(row) for row in read_checked("meta")]
         rois = read_checked("rois")
+        logits = read_checked("logits") if L.separate_logits else None
         params = read_checked("params") if cache.codec.has_params else None
         for b, i in enumerate(rng):
             m = metas[b]
@@ -103,6 +110,8 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
                     rep.problems.append(f"{who}: {name} extent {(h, w)} out of range")
             if not np.isfinite(rois[b]).all():
                 rep.problems.append(f"{who}: rois hold non-finite values")
+            if logits is not None and not np.isfinite(logits[b]).all():
+                rep.problems.append(f"{who}: logits hold non-finite values")
             if params is not None and not np.isfinite(params[b]).all():
                 rep.problems.append(f"{who}: params hold non-finite values")
         for li, (name, spec) in enumerate(L.all_levels):

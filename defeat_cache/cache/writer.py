@@ -1,6 +1,6 @@
 """Writing a cache: create it (or resume one), then write it one whole shard at a time.
 
-Concurrency contract (DESIGN.md invariant 5 and the measured zarr facts): each shard is
+Concurrency contract (docs/design.md, invariant 5 and Zarr facts (measured)): each shard is
 written by exactly one process, in ONE assignment per array covering the whole shard
 (``CacheWriter.write_shard``); zarr rewrites a whole shard on any chunk change, so two
 writers on one shard lose data silently.  The arrays are laid out as layout.py describes.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from zarr.codecs import Crc32cCodec
 
 from ..models.teacher import TeacherOutput
 from . import storage
-from .codecs import FeatureCodec, get_codec, small_array_compressors
+from .codecs import FeatureCodec, small_array_compressors
+from .compact import LevelBasis
 from .errors import CacheError, CacheMismatchError, NonFiniteError, NotACacheError
 from .layout import CacheLayout, ItemMeta, meta_columns
 from .manifest import MANIFEST_KEY, comparable_part, mismatch_message, new_manifest, now
@@ -27,33 +28,45 @@ __all__ = ["CacheWriter"]
 _STALE_PARTIAL_S = 3600.0
 
 
-def _create_arrays(group, layout: CacheLayout) -> None:
-    codec = get_codec(layout.codec)
+def _create_arrays(group, layout: CacheLayout, bases: dict | None = None) -> None:
+    codec = layout.codec_object()
     N, S = layout.num_items, layout.items_per_shard
     for name, spec in layout.all_levels:
         th, tw = spec.tile
         Hp, Wp = spec.padded
-        C = spec.channels
+        C = spec.stored
         group.create_array(
             name, shape=(N, C, Hp, Wp), dtype=codec.stored_dtype, chunks=(1, C, th, tw),
-            shards=(S, C, Hp, Wp), compressors=codec.compressors(), fill_value=0,
-            dimension_names=("item", "channel", "y", "x"),
+            shards=(S, C, Hp, Wp), serializer=codec.serializer(), compressors=codec.compressors(),
+            fill_value=0, dimension_names=("item", "channel", "y", "x"),
         )
+    for name in layout.basis_names():  # side data, written once here, before any shard
+        level = name[len("bases/"):]
+        a = bases[level].to_array()
+        arr = group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape,
+                                 compressors=small_array_compressors(), fill_value=0.0)
+        arr[:] = a
     if codec.has_params:
-        T = layout.total_channels
-        group.create_array(
-            "params", shape=(N, T, codec.params_per_channel), dtype="float32",
-            chunks=(1, T, codec.params_per_channel), shards=(S, T, codec.params_per_channel),
-            compressors=small_array_compressors(), fill_value=0.0,
-        )
-    R, F = layout.rows, 5 + layout.num_logits
+        T, P = layout.total_stored_channels, codec.params_per_channel
+        group.create_array("params", shape=(N, T, P), dtype="float32", chunks=(1, T, P), shards=(S, T, P),
+                           compressors=small_array_compressors(), fill_value=0.0)
+    R, K = layout.rows, layout.num_logits
+    F = 5 if layout.separate_logits else 5 + K
     group.create_array("rois", shape=(N, R, F), dtype="float32", chunks=(1, R, F),
                        shards=(S, R, F), compressors=small_array_compressors(), fill_value=0.0)
+    if layout.separate_logits:
+        group.create_array("logits", shape=(N, R, K), dtype=layout.logits_dtype, chunks=(1, R, K),
+                           shards=(S, R, K), compressors=small_array_compressors(), fill_value=0.0)
     M = len(meta_columns(layout))
     group.create_array("meta", shape=(N, M), dtype="int64", chunks=(1, M), shards=(S, M),
                        compressors=small_array_compressors(), fill_value=0)
     group.create_array("shard_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
                        compressors=[Crc32cCodec()], fill_value=False)
+
+
+def read_bases(group, layout: CacheLayout) -> dict[str, LevelBasis]:
+    """Level array name -> its basis, for basis codecs (else empty)."""
+    return {name[len("bases/"):]: LevelBasis.from_array(np.asarray(group[name][:])) for name in layout.basis_names()}
 
 
 def _to_numpy(x, what: str) -> np.ndarray:
@@ -74,18 +87,23 @@ class CacheWriter:
     def __init__(self, path, group, layout: CacheLayout, storage_options: dict | None = None):
         self.path = path
         self.layout = layout
-        self.codec: FeatureCodec = get_codec(layout.codec)
+        self.codec: FeatureCodec = layout.codec_object()
         self._storage_options = storage_options
         self._group = group
         self._arrays = {name: group[name] for name in layout.array_names()}
+        self.bases: dict[str, LevelBasis] = read_bases(group, layout)
 
     # ---- construction
     @classmethod
     def create_or_resume(cls, path, provenance: dict, layout: CacheLayout, create: bool = True,
-                         storage_options: dict | None = None) -> "CacheWriter":
+                         storage_options: dict | None = None,
+                         fit_bases: Callable[[], dict[str, LevelBasis]] | None = None) -> "CacheWriter":
         """New path: create group, arrays and manifest (complete=False).  Existing cache:
         refuse with CacheMismatchError if provenance/layout/codec/schema differ, else resume.
-        ``create=False`` only opens an existing cache (non-zero ranks, after rank 0 made it)."""
+        ``create=False`` only opens an existing cache (non-zero ranks, after rank 0 made it).
+        Basis codecs: ``fit_bases()`` (level array name -> LevelBasis) is called only when the
+        cache is created; the bases and their ranks are stored before any shard, and a resumed
+        or other-rank writer reads them back, so every shard uses the same ones."""
         storage.configure_zarr_threads()
         layout.validate()
         ours = comparable_part(layout, provenance)
@@ -96,7 +114,7 @@ class CacheWriter:
 
         interrupted = False
         if group is not None and MANIFEST_KEY not in group.attrs:
-            members = set(layout.array_names()) | {"features", "backbone"}
+            members = set(layout.array_names()) | {"features", "backbone", "bases"}
             found = set(group.keys())
             if create and found <= members:
                 group, interrupted = None, True  # creation was interrupted before the manifest: start over
@@ -119,8 +137,14 @@ class CacheWriter:
                     if not (p / "zarr.json").exists():
                         raise NotACacheError(f"{path} exists and is not a defeat-cache cache; "
                                              f"use a new --out or delete it")
+            bases = None
+            if layout.codec_object().needs_basis:
+                if fit_bases is None:
+                    raise ValueError(f"codec {layout.codec} needs fit_bases to create a cache")
+                bases = fit_bases()
+                layout = layout.with_ranks({name: bases[name].rank for name, _ in layout.all_levels})
             group = storage.open_group(path, "w", storage_options)
-            _create_arrays(group, layout)
+            _create_arrays(group, layout, bases)
             group.attrs[MANIFEST_KEY] = new_manifest(layout, provenance)  # written last: its presence = arrays exist
             return cls(path, group, layout, storage_options)
 
@@ -128,7 +152,8 @@ class CacheWriter:
         msg = mismatch_message(path, stored, ours)
         if msg:
             raise CacheMismatchError(msg)
-        writer = cls(path, group, layout, storage_options)
+        # the stored layout: the same as ours but for the basis ranks fitted at creation
+        writer = cls(path, group, CacheLayout.from_dict(stored["layout"]), storage_options)
         if create:
             writer._remove_stale_partials()
         return writer
@@ -249,6 +274,16 @@ class CacheWriter:
         if g > L.max_gt:
             raise ValueError(f"{who}: {g} gt boxes > max_gt={L.max_gt}")
         glog = arr(item.gt_logits, "gt_logits", (g, K))
+        if self.codec.box_quantum:
+            q = self.codec.box_quantum
+            props, gt = np.round(props / q) * q, np.round(gt / q) * q
+        if L.separate_logits:
+            top = float(np.finfo(L.logits_dtype).max)
+            for name, lg in (("proposal_logits", plog), ("gt_logits", glog)):
+                if lg.size and float(np.abs(lg).max()) > top:
+                    raise NonFiniteError(f"{who}: {name} has |values| up to {float(np.abs(lg).max()):.4g}, which "
+                                         f"overflow {L.logits_dtype} (max {top:g})",
+                                         int(item.image_index), int(item.view_index))
 
         meta = ItemMeta(image_index=exp[0], view_index=exp[1], n_proposals=n, n_gt=g, image_size=(h, w),
                         canvas_size=(H, W), extents=tuple((a.shape[1], a.shape[2]) for a in feats + bb))
@@ -276,26 +311,30 @@ class CacheWriter:
         B, L, codec = len(rng), self.layout, self.codec
         sel = slice(rng.start, rng.stop)
 
-        params = np.zeros((B, L.total_channels, codec.params_per_channel), np.float32) if codec.has_params else None
+        params = np.zeros((B, L.total_stored_channels, codec.params_per_channel), np.float32) \
+            if codec.has_params else None
         c0 = 0
         for li, (name, spec) in enumerate(L.all_levels):
             Hp, Wp = spec.padded
-            buf = np.zeros((B, spec.channels, Hp, Wp), dtype=codec.stored_dtype)
+            buf = np.zeros((B, spec.stored, Hp, Wp), dtype=codec.stored_dtype)
             for b, p in enumerate(prepared):
                 x = p["levels"][li]
-                stored, prm = codec.encode(x[None])
+                stored, prm = codec.encode(x[None], basis=self.bases.get(name))
                 if not codec.stored_finite(stored):
                     raise NonFiniteError(f"item {rng.start + b}: {name} does not fit codec {codec.name}")
                 buf[b, :, : x.shape[1], : x.shape[2]] = stored[0]
                 if params is not None:
-                    params[b, c0:c0 + spec.channels] = prm[0]
-            c0 += spec.channels
+                    params[b, c0:c0 + spec.stored] = prm[0]
+            c0 += spec.stored
             self._arrays[name][sel] = buf  # one assignment = one shard rewrite
             del buf
-        small = [
-            (self._arrays["rois"], sel, np.stack([p["rois"] for p in prepared])),
-            (self._arrays["meta"], sel, np.stack([p["meta"] for p in prepared])),
-        ]
+        rois = np.stack([p["rois"] for p in prepared])
+        small = [(self._arrays["meta"], sel, np.stack([p["meta"] for p in prepared]))]
+        if L.separate_logits:
+            small += [(self._arrays["rois"], sel, np.ascontiguousarray(rois[..., :5])),
+                      (self._arrays["logits"], sel, rois[..., 5:].astype(L.logits_dtype))]
+        else:
+            small.append((self._arrays["rois"], sel, rois))
         if params is not None:
             small.append((self._arrays["params"], sel, params))
         storage.set_many(small)

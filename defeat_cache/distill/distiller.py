@@ -20,11 +20,11 @@ from .compat import TeacherFacts, check_compatible
 from .losses import FeatureAdapters, all_cls_kd_loss, cls_kd_terms, neck_distill_loss, subsample_negatives
 from .masks import FINEST_SCALE, backbone_gt_mask, build_level_masks
 
-PAPER_MIN_SIZE = 800  # the input size METHOD.md's 56-px finest scale refers to
+PAPER_MIN_SIZE = 800  # the input size 56-px finest scale of docs/method.md#level-assignment refers to
 
 
 class Distiller(nn.Module):
-    """Returns the named KD loss terms of a step (METHOD.md sections 1-4).
+    """Returns the named KD loss terms of a step (docs/method.md, Neck to RoI-classifier distillation).
 
     `teacher` describes the teacher whose outputs `forward` will be given (its family and
     channels size the adaptation layers); the teacher itself is never part of this module.
@@ -127,7 +127,7 @@ class Distiller(nn.Module):
             t_logits.append(logits)
             positive.append(pos)
         # The standard R-CNN sampler over the teacher's candidates; b_i comes from each sampled
-        # RoI's own IoU with the GT (METHOD.md sec 4 fix), never from the student's sampling.
+        # RoI's own IoU with the GT (docs/method.md#where-the-positive-flag-comes-from), never from the student's sampling.
         pos_masks, neg_masks = self.kd_sampler([p.long() for p in positive])
         keep = [(pm | nm).bool() for pm, nm in zip(pos_masks, neg_masks)]
         if cfg["mode"] == "sub_negative":  # per image: its sampled positives and as many of its negatives
@@ -151,7 +151,7 @@ def _scatter_keep(keep: Tensor, sub: Tensor) -> Tensor:
 
 def _pad_teacher(per_level: list[list[Tensor]], like: list[Tensor], device) -> tuple[list[Tensor], list[Tensor]]:
     """Per-image teacher maps (each its own canvas extent) -> batch tensors shaped like the
-    student's padded maps, plus `valid` masks of each image's own canvas (METHOD.md sec 1)."""
+    student's padded maps, plus `valid` masks of each image's own canvas (docs/method.md#neck-distillation)."""
     teachers, valids = [], []
     for maps, s in zip(per_level, like):
         B, _, H, W = s.shape

@@ -1,4 +1,4 @@
-"""DeFeat distillation losses (METHOD.md sections 1, 3, 4).
+"""DeFeat distillation losses (docs/method.md: Neck, Backbone and RoI-classifier distillation).
 
 All losses detach the teacher, compute in float32 and return exactly 0 (still connected to
 the student's autograd graph) when a term has no cells / RoIs, so that DDP never sees an
@@ -33,7 +33,7 @@ __all__ = [
 class FeatureAdapters(nn.Module):
     """One 3x3 conv (C_s -> C_t, padding 1, bias) per level, optionally followed by ReLU.
 
-    Weights ~ N(0, 1) truncated to [-2, 2], then scaled by 1e-4; bias zero (METHOD.md sec 1).
+    Weights ~ N(0, 1) truncated to [-2, 2], then scaled by 1e-4; bias zero (docs/method.md#neck-distillation).
     ``relu=True`` is the backbone variant (sec 3).
     """
 
@@ -124,7 +124,7 @@ def neck_distill_loss(
     alpha_obj: float,
     alpha_bg: float,
 ) -> dict[str, Tensor]:
-    """Level-averaged decoupled imitation loss (METHOD.md sec 1; also used for the backbone, sec 3).
+    """Level-averaged decoupled imitation loss (docs/method.md#neck-distillation; also used for the backbone, #backbone-distillation).
 
     Per level l: students[l], teachers[l] are [B, C, H, W] (student already adapted; teacher
     detached here); masks[l] is [B, H, W] (or [H, W]) in [0, 1], may be real-valued; valids[l]

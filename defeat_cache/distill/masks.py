@@ -1,4 +1,4 @@
-"""Imitation masks for DeFeat feature distillation (METHOD.md sections 1, 2, 3).
+"""Imitation masks for DeFeat feature distillation (docs/method.md: GT-Mask, Other imitation masks, Backbone distillation).
 
 Boxes are xyxy floats in the pixel coordinates of the (batch-padded) canvas the features
 were computed on. Every per-image builder returns a float32 [H, W] tensor on the boxes'
@@ -53,7 +53,7 @@ def assign_levels(boxes: Tensor, num_levels: int, finest_scale: float = FINEST_S
 
 
 def _cell_range(box: Sequence[float], stride: float, H: int, W: int) -> tuple[int, int, int, int, bool]:
-    """Integer cell range of a box on a grid of the given stride (METHOD.md sec 1 rule).
+    """Integer cell range of a box on a grid of the given stride (docs/method.md#box-to-cells).
 
     lx = int(x1/s), rx = min(int(x2/s), W), ly = int(y1/s), ry = min(int(y2/s), H)
     (lower ends clamped at 0). Returns (ly, ry, lx, rx, collapsed); when collapsed, the single
@@ -95,13 +95,13 @@ def _mark_boxes(boxes: Tensor, stride: float, size: tuple[int, int]) -> Tensor:
 
 def gt_mask(boxes: Tensor, level: int, num_levels: int, stride: float, size: tuple[int, int],
             finest_scale: float = FINEST_SCALE) -> Tensor:
-    """GT-Mask of one image at one level (METHOD.md sec 1): boxes assigned to this level only."""
+    """GT-Mask of one image at one level (docs/method.md#neck-distillation): boxes assigned to this level only."""
     return _mark_boxes(_level_boxes(boxes, level, num_levels, finest_scale), stride, size)
 
 
 def gaussian_mask(boxes: Tensor, level: int, num_levels: int, stride: float, size: tuple[int, int],
                   finest_scale: float = FINEST_SCALE) -> Tensor:
-    """Gaussian-Mask (TADF, METHOD.md sec 2) of one image at one level.
+    """Gaussian-Mask (TADF, docs/method.md#gaussian-mask) of one image at one level.
 
     For each level-assigned box, on the cells of its GT-Mask rectangle, the value at cell centre
     (j + 0.5, i + 0.5) (level units) is exp(-(dx^2 / (2 sx^2) + dy^2 / (2 sy^2))), centred at the
@@ -140,7 +140,7 @@ def fgfi_mask(
     psi: float = 0.5,
     finest_scale: float = FINEST_SCALE,
 ) -> Tensor:
-    """FG-Mask (FGFI, METHOD.md sec 2) of one image at one level.
+    """FG-Mask (FGFI, docs/method.md#fg-mask) of one image at one level.
 
     anchors: [H*W*A, 4] pixel-coordinate anchors of this level in torchvision AnchorGenerator
     order (row-major cells, the A anchors of a cell contiguous). For every box assigned to this
@@ -185,7 +185,7 @@ def backbone_gt_mask(
     base_stride: int = 4,
     base_size: Optional[tuple[int, int]] = None,
 ) -> list[Tensor]:
-    """Backbone mask (METHOD.md sec 3) of one image: ALL boxes on the stride-``base_stride`` grid
+    """Backbone mask (docs/method.md#backbone-distillation) of one image: ALL boxes on the stride-``base_stride`` grid
     (GT-Mask rounding rule, no level assignment), nearest-neighbour resized to each of ``sizes``.
 
     base_size: (H, W) of the stride-``base_stride`` grid (canvas / base_stride). Default: twice

@@ -5,7 +5,7 @@
   input: its preprocessing and views.
 - `OnlineSource` keeps a frozen teacher in memory and computes the same outputs with the same
   function the extractor uses (`models.teacher.teacher_outputs`), which is what makes the
-  two modes comparable term by term (DESIGN.md invariant 1).
+  two modes comparable term by term (docs/design.md, invariant 1).
 
 Both offer the same interface. The training loop takes from a source the student's data
 (`preprocessing`, `views`, `dataset(data)`) and, each step, the teacher outputs of the batch
@@ -21,12 +21,14 @@ import torch
 from torch import Tensor
 
 from ..cache import CacheError, TeacherCache
+from ..cache.reader import EncodedItem
 from ..data.dataset import ViewDataset
 from ..data.records import DataError, DetectionData
 from ..errors import UserError
 from ..models.checkpoint import load_weights
 from ..models.teacher import teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
+from ..progress import log
 from ..views import Preprocessing, ViewSet
 from .compat import TeacherFacts
 
@@ -51,34 +53,47 @@ def _diff(ours: dict, theirs: dict) -> list[str]:
 
 
 class CachedViewDataset(ViewDataset):
-    """ViewDataset whose samples also carry the cached teacher item of that (image, view)."""
+    """ViewDataset whose samples also carry the cached teacher item of that (image, view).
 
-    def __init__(self, data: DetectionData, pre: Preprocessing, views: ViewSet, cache):
+    ``decode_on_device``: the item stays encoded (`EncodedItem`) and `CacheSource.outputs`
+    decodes it on the training device; ``in_memory``: decoded items held in RAM, read once
+    (small caches and benchmarks: cache I/O and decoding out of the step)."""
+
+    def __init__(self, data: DetectionData, pre: Preprocessing, views: ViewSet, cache,
+                 decode_on_device: bool = False, in_memory: dict | None = None):
         super().__init__(data, pre, views)
-        self.cache = cache
+        self.cache, self.decode_on_device, self.in_memory = cache, decode_on_device, in_memory
+
+    def _item(self, index: int):
+        if self.in_memory is not None:
+            return self.in_memory[index]
+        return self.cache.read_encoded(index) if self.decode_on_device else self.cache.read(index)
 
     def sample(self, image_index: int, view_index: int) -> dict:
         s = super().sample(image_index, view_index)
         # DataError, not UserError: ViewDataset turns it into an error value that
         # `check_batch` raises in the main process (not a DataLoader worker traceback).
         try:
-            item = self.cache.read(self.cache.layout.item_index(image_index, view_index))
+            stored = self._item(self.cache.layout.item_index(image_index, view_index))
         except CacheError as e:
             raise DataError(str(e)) from None
+        item = stored.record if isinstance(stored, EncodedItem) else stored
         if (item.image_index, item.view_index) != (image_index, view_index) or \
                 tuple(item.image_size) != tuple(s["geometry"].image_size):
             raise DataError(f"cache item for image {image_index} view {view_index} does not match the "
                             f"rebuilt student input (sizes {item.image_size} vs {s['geometry'].image_size}); "
                             "the cache was made from different data or preprocessing")
-        s["teacher"] = item
+        s["teacher"] = stored
         return s
 
 
 class CacheSource:
     """Teacher outputs read from a cache; refuses a cache that does not fit the run."""
 
-    def __init__(self, path: str, data: DetectionData, student: ModelSpec, storage_options: dict | None = None):
+    def __init__(self, path: str, data: DetectionData, student: ModelSpec, storage_options: dict | None = None,
+                 decode_on_device: bool = False, in_memory: bool = False):
         self.cache = TeacherCache(path, storage_options=storage_options)
+        self.decode_on_device = decode_on_device
         prov = self.cache.provenance()
         ds = prov.get("dataset", {})
         problems = []
@@ -102,11 +117,19 @@ class CacheSource:
             backbone_channels={lv.name: lv.channels for lv in layout.backbone_levels},
             description=f"cache {path} ({prov['teacher']['name']}, codec {layout.codec})")
 
+        self.in_memory = None
+        if in_memory:
+            log(f"reading the {len(self.cache)} items of {path} into memory")
+            self.in_memory = {i: self.cache.read(i) for i in range(len(self.cache))}
+
     def dataset(self, data: DetectionData) -> ViewDataset:
-        return CachedViewDataset(data, self.preprocessing, self.views, self.cache)
+        return CachedViewDataset(data, self.preprocessing, self.views, self.cache,
+                                 decode_on_device=self.decode_on_device, in_memory=self.in_memory)
 
     def outputs(self, batch: list[dict], images: list[Tensor]) -> list:
-        return [s["teacher"] for s in batch]
+        device = images[0].device
+        return [self.cache.decode_item(s["teacher"], device) if isinstance(s["teacher"], EncodedItem) else s["teacher"]
+                for s in batch]
 
 
 class OnlineSource:
@@ -143,11 +166,14 @@ class OnlineSource:
 def build_teacher_source(data: DetectionData, student: ModelSpec, preset: dict, device: torch.device, *,
                          cache: str | None = None, storage_options: dict | None = None,
                          teacher: str | None = None, teacher_checkpoint: str | None = None,
-                         views: str = "orig,hflip") -> TeacherSource:
+                         views: str = "orig,hflip", cache_in_memory: bool = False) -> TeacherSource:
     """A cache (`cache`, fsspec `storage_options` for a URL; it holds its own views) or an
-    online teacher (`teacher` model name or TOML and its `teacher_checkpoint`, on `views`)."""
+    online teacher (`teacher` model name or TOML and its `teacher_checkpoint`, on `views`).
+    On CUDA a cache's items travel encoded and are decoded on the device (less host-to-device
+    traffic, no decoding in the DataLoader workers); on the CPU the workers decode them."""
     if cache:
-        return CacheSource(cache, data, student, storage_options)
+        return CacheSource(cache, data, student, storage_options, decode_on_device=device.type == "cuda",
+                           in_memory=cache_in_memory)
     return OnlineSource(teacher, teacher_checkpoint, data, student, ViewSet.parse(views), device,
                         proposals=int(preset["teacher"]["proposals"]),
                         pre_nms_top_n=int(preset["teacher"]["pre_nms_top_n"]),

@@ -70,6 +70,9 @@ class TrainOptions:
     storage_options: dict | None = None  # fsspec options for a URL cache (s3://...); kept out of config.json
     teacher: str | None = None
     teacher_checkpoint: str | None = None
+    # hold the whole cache decoded in RAM (small caches; pipeline/bench_train.py's in-memory mode,
+    # which measures a step without cache I/O and decoding)
+    cache_in_memory: bool = False
 
 
 def train(opts: TrainOptions) -> dict:
@@ -160,7 +163,8 @@ def _build_teacher_source(opts: TrainOptions, spec: ModelSpec, data: DetectionDa
         return None
     return build_teacher_source(data, spec, opts.distill, device, cache=opts.cache,
                                 storage_options=opts.storage_options, teacher=opts.teacher,
-                                teacher_checkpoint=opts.teacher_checkpoint, views=opts.views)
+                                teacher_checkpoint=opts.teacher_checkpoint, views=opts.views,
+                                cache_in_memory=opts.cache_in_memory)
 
 
 def _training_data(opts: TrainOptions, spec: ModelSpec, data: DetectionData,

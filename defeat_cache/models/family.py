@@ -27,8 +27,8 @@ class Level:
 RESNET_STAGES = tuple(Level(f"c{k}", 2 ** k) for k in range(2, 6))
 RESNET_LAYERS = {stage.name: f"layer{i + 1}" for i, stage in enumerate(RESNET_STAGES)}
 
-# The stages a cache stores with --backbone, for both families: C3-C5, the ones METHOD.md
-# sec 3 distils (C2 alone would double the size of a COCO cache). An online teacher offers
+# The stages a cache stores with --backbone, for both families: C3-C5, the ones backbone
+# distillation uses (docs/method.md#backbone-distillation; C2 alone would double the size of a COCO cache). An online teacher offers
 # the same ones, so both teacher sources index them alike.
 CACHED_BACKBONE_STAGES = ("c3", "c4", "c5")
 

@@ -48,7 +48,7 @@ class TeacherOutput:
 
 @contextlib.contextmanager
 def _rpn_settings(rpn: nn.Module, pre_nms_top_n: int, post_nms_top_n: int):
-    """Use training-time proposal counts in eval mode (METHOD.md sec 4: 2000 per level, keep N)."""
+    """Use training-time proposal counts in eval mode (docs/method.md#rois-and-the-sampler: 2000 per level, keep N)."""
     old = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
     rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre_nms_top_n, post_nms_top_n
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..data.dataset import read_toml
@@ -184,6 +186,23 @@ def _backbone(spec: ModelSpec):
     return backbone
 
 
+def _fix_roi_pool_scales(pool: MultiScaleRoIAlign, spec: ModelSpec) -> None:
+    """Give RoIAlign the levels' true scales (1 / stride) instead of letting it infer them.
+
+    torchvision's MultiScaleRoIAlign infers each level's scale from the FIRST batch it sees
+    (2 ** round(log2(feature size / largest image size))) and keeps it for every later call.
+    When padding to 32 makes a small image's canvas much larger than the image itself
+    (a 65-px image on a 96-px canvas), that rounds to twice the true scale, and every later
+    RoI is pooled from the wrong place: a model's outputs then depend on which batch it saw
+    first (the rank split, where a resumed extraction starts). The strides are known here.
+    """
+    by_name = {str(i): lv.stride for i, lv in enumerate(spec.fpn_levels)}  # BackboneWithFPN names "0".."3"
+    strides = [by_name[n] for n in pool.featmap_names]
+    pool.scales = [1.0 / s for s in strides]
+    pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                      canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+
+
 def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
     """A torchvision detector for `num_classes` classes including background."""
     spec = load_model_spec(spec) if isinstance(spec, str) else spec
@@ -202,6 +221,7 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
             **{f"rpn_{k}": v for k, v in rpn.items()},
             **{f"box_{k}": v for k, v in roi.items() if k != "representation_size"},
         )
+        _fix_roi_pool_scales(model.roi_heads.box_roi_pool, spec)
     else:
         head_cfg = cfg.get("head", {})
         octave = [2 ** (i / 3) for i in range(3)]
