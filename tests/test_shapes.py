@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes dataset generator (defeat_cache.data.shapes)."""
+"""Tests for the synthetic shapes dataset generator (defeat_cache.data.shapes and its shapes_* modules)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defeat_cache.data.shapes import CLASSES, EMPTY_EVERY, _render, generate_shapes, render_image
+from defeat_cache.data.shapes import CLASSES, EMPTY_EVERY, generate_shapes, render_image
+from defeat_cache.data.shapes_render import render_with_owners
 
 NUM_TRAIN, NUM_VAL = 64, 12
 MIN_SIDE, MAX_SIDE = 96, 160
@@ -101,7 +102,7 @@ def test_all_classes_and_sizes_present(dataset: Path):
 def test_boxes_are_tight_to_visible_pixels():
     n_objects = 0
     for i in range(12):
-        arr, objects, owner = _render(3, "train", i, MIN_SIDE, MAX_SIDE)
+        arr, objects, owner = render_with_owners(3, "train", i, MIN_SIDE, MAX_SIDE)
         assert owner.shape == arr.shape[:2]
         assert owner.max() == len(objects) - 1
         for k, o in enumerate(objects):
