@@ -5,6 +5,10 @@ A *view* is a deterministic preprocessing of one image: resize so the shorter si
 normalise, and pad to a multiple of `size_divisible`. The teacher cache is written per
 (image, view) and the student rebuilds exactly the same input from the manifest's
 `Preprocessing`, so nothing here may depend on anything but its arguments.
+
+Batching is not done here: the models pad a batch with torchvision's own
+`GeneralizedRCNNTransform.batch_images` (through models.zoo.ViewTransform), zero after
+normalisation, to a multiple of `size_divisible`, so an image alone fills its `canvas_size`.
 """
 
 from __future__ import annotations
@@ -101,24 +105,6 @@ def apply_view(image: torch.Tensor, pre: Preprocessing, flip: bool) -> tuple[tor
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std, geom
-
-
-def pad_batch(images: list[torch.Tensor], size_divisible: int = 32,
-              min_canvas: tuple[int, int] | None = None) -> torch.Tensor:
-    """Zero-pad normalised images to one [B, 3, H, W] tensor, H and W multiples of size_divisible.
-
-    Zero after normalisation is what torchvision's own batching uses, so an image's own
-    canvas region looks the same to the model whether it is batched or alone.
-    """
-    h = max(int(im.shape[1]) for im in images)
-    w = max(int(im.shape[2]) for im in images)
-    if min_canvas is not None:
-        h, w = max(h, min_canvas[0]), max(w, min_canvas[1])
-    h, w = _round_up(h, size_divisible), _round_up(w, size_divisible)
-    out = images[0].new_zeros((len(images), 3, h, w))
-    for i, im in enumerate(images):
-        out[i, :, : im.shape[1], : im.shape[2]] = im
-    return out
 
 
 @dataclass

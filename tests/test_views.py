@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from defeat_cache.data.dataset import ViewSampler
-from defeat_cache.views import Preprocessing, ViewSet, apply_view, pad_batch, view_geometry
+from defeat_cache.models.zoo import ViewTransform
+from defeat_cache.views import Preprocessing, ViewSet, apply_view, view_geometry
 
 TINY = Preprocessing(min_size=64, max_size=96)
 DEFAULT = Preprocessing()  # 800 / 1333
@@ -145,37 +146,41 @@ def test_flipped_boxes_follow_the_flipped_pixels():
 
 
 # ------------------------------------------------------------------------------------------------
-# pad_batch
+# batching: torchvision's GeneralizedRCNNTransform.batch_images, as the models run it
 # ------------------------------------------------------------------------------------------------
 
-def test_pad_batch_zero_pads_to_multiple():
+def _batch(images: list[torch.Tensor], size_divisible: int = 32):
+    image_list, _ = ViewTransform(size_divisible)(images)
+    return image_list
+
+
+def test_batching_zero_pads_to_multiple():
     a = torch.randn(3, 50, 70)
     b = torch.randn(3, 64, 40)
-    out = pad_batch([a, b])
+    batch = _batch([a, b])
+    out = batch.tensors
     assert tuple(out.shape) == (2, 3, 64, 96)
-    assert torch.equal(out[0, :, :50, :70], a) and torch.equal(out[1, :, :64, :40], b)
+    assert batch.image_sizes == [(50, 70), (64, 40)]
+    assert torch.equal(out[0, :, :50, :70], a) and torch.equal(out[1, :, :64, :40], b)  # pixels untouched
     mask = torch.ones_like(out, dtype=torch.bool)
     mask[0, :, :50, :70] = False
     mask[1, :, :64, :40] = False
     assert (out[mask] == 0).all()
 
 
-def test_pad_batch_min_canvas_and_divisor():
+def test_batching_follows_size_divisible():
     a = torch.ones(3, 10, 12)
-    assert tuple(pad_batch([a], min_canvas=(100, 10)).shape) == (1, 3, 128, 32)
-    assert tuple(pad_batch([a], size_divisible=5).shape) == (1, 3, 10, 15)
-    out = pad_batch([a], size_divisible=1)
+    assert tuple(_batch([a], size_divisible=32).tensors.shape) == (1, 3, 32, 32)
+    assert tuple(_batch([a], size_divisible=5).tensors.shape) == (1, 3, 10, 15)
+    out = _batch([a], size_divisible=1).tensors
     assert torch.equal(out[0], a)
 
 
-def test_pad_batch_matches_model_transform():
-    """The model's own batching (ViewTransform) produces the same padded tensor."""
-    from defeat_cache.models.zoo import ViewTransform
-
-    ims = [torch.randn(3, 50, 70), torch.randn(3, 64, 40)]
-    image_list, _ = ViewTransform(32)(ims)
-    assert torch.equal(image_list.tensors, pad_batch(ims))
-    assert image_list.image_sizes == [(50, 70), (64, 40)]
+@pytest.mark.parametrize("orig, pre, resized, canvas", CASES)
+def test_an_image_batched_alone_fills_its_canvas(orig, pre, resized, canvas):
+    """The view's canvas_size is what the model's batching pads the view to when it is alone."""
+    x = torch.randn(3, *view_geometry(orig, pre, flip=False).image_size)
+    assert tuple(_batch([x], pre.size_divisible).tensors.shape[-2:]) == canvas
 
 
 # ------------------------------------------------------------------------------------------------
