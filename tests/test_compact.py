@@ -2,9 +2,7 @@
 start of extraction and uniformly quantised coefficients; fp16 logits and 1/16-px boxes."""
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +17,8 @@ from defeat_cache.cache.compact import BasisFitter, decode_level, encode_level
 from defeat_cache.cache.extract import ExtractOptions, basis_sample, extract
 from defeat_cache.cli import main as cli
 
-
-def _rel(a, ref) -> float:
-    return float(torch.linalg.vector_norm((a - ref).double()) / torch.linalg.vector_norm(ref.double()))
+from builders import random_detector_checkpoint, shapes_dataset, tiny_extract_options, torchrun
+from checks import rel_l2
 
 
 def _low_rank_items(C=16, r=4, n=6, noise=0.02, seed=0):
@@ -70,7 +67,7 @@ def test_error_grows_with_the_step_and_nothing_is_clipped():
         for x in items:
             codes, steps = encode_level(x, basis, step)
             assert codes.dtype == torch.int16 and codes.shape == (basis.rank, *x.shape[1:])
-            err.append(_rel(decode_level(codes, steps, basis), x))
+            err.append(rel_l2(decode_level(codes, steps, basis), x))
         errors.append(max(err))
     assert errors == sorted(errors) and errors[0] < 0.02 and errors[-1] < 0.5
     # one huge value: its component gets a wider step of its own instead of being clipped
@@ -90,22 +87,19 @@ def test_basis_sample_is_fixed_and_bounded():
 @pytest.fixture(scope="module")
 def varied_shapes(tmp_path_factory) -> Path:
     """8 train images of different sizes (16 items)."""
-    from defeat_cache.data.shapes import generate_shapes
-    return generate_shapes(tmp_path_factory.mktemp("varied_shapes"), num_train=8, num_val=2, seed=1,
-                           min_side=64, max_side=112, progress=False)
+    return shapes_dataset(tmp_path_factory.mktemp("varied_shapes"), num_train=8, num_val=2, seed=1, max_side=112)
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory, tiny_model_toml, varied_shapes, random_detector_checkpoint) -> Path:
+def teacher_ckpt(tmp_path_factory, tiny_model_toml, varied_shapes) -> Path:
     return random_detector_checkpoint(tmp_path_factory.mktemp("teacher") / "t.pt", tiny_model_toml, varied_shapes)
 
 
-def _opts(model, ckpt, data, out, **kw) -> ExtractOptions:
-    base = dict(teacher=str(model), checkpoint=str(ckpt), data=str(data), out=str(out), views="orig,hflip",
-                codec="compact", proposals=20, pre_nms_top_n=50, workers=0, batch_size=3, items_per_shard=3,
-                basis_items=6, progress=False)
-    base.update(kw)
-    return ExtractOptions(**base)
+def _opts(model, ckpt, data, out, /, **overrides) -> ExtractOptions:
+    """This file's extractions: the tiny ones in the compact codec, 3 images a batch, 3 items a
+    shard, bases fitted on 6 items."""
+    return tiny_extract_options(model, ckpt, data, out, **{"views": "orig,hflip", "codec": "compact", "batch_size": 3,
+                                                            "items_per_shard": 3, "basis_items": 6, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +124,7 @@ def test_compact_cache_reads_close_to_fp32(caches):
             it = c.read(i)
             for a, b in zip(it.features, r.features):
                 assert a.shape == b.shape and a.dtype == torch.float32
-                worst[name] = max(worst[name], _rel(a, b))
+                worst[name] = max(worst[name], rel_l2(a, b))
             # boxes rounded to 1/16 px, logits float16, counts unchanged
             assert it.proposals.shape == r.proposals.shape and it.gt_boxes.shape == r.gt_boxes.shape
             assert float((it.proposals - r.proposals).abs().amax()) <= 1 / 32 + 1e-6 if len(r.proposals) else True
@@ -195,8 +189,7 @@ def test_resume_reuses_the_stored_bases_and_equals_a_straight_run(tmp_path, monk
         np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)
 
 
-def test_two_ranks_give_the_cache_of_one_process(tmp_path, caches, tiny_model_toml, teacher_ckpt, varied_shapes,
-                                                 torchrun):
+def test_two_ranks_give_the_cache_of_one_process(tmp_path, caches, tiny_model_toml, teacher_ckpt, varied_shapes):
     out = tmp_path / "two_ranks.zarr"
     script = tmp_path / "launch.py"
     script.write_text("import sys\nfrom defeat_cache.cli import main\nmain(sys.argv[1:], prog_name='defeat-cache')\n")

@@ -12,6 +12,8 @@ from defeat_cache.data.coco import load_coco
 from defeat_cache.data.dataset import load_dataset, read_image
 from defeat_cache.data.records import DataError
 
+from builders import write_json, write_png
+
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -24,7 +26,7 @@ def _assert_one_line_naming(err: pytest.ExceptionInfo, path: Path | str) -> str:
     return msg
 
 
-def _coco(tmp_path: Path, write_png, write_json, *, images=None, annotations=None, categories=None,
+def _coco(tmp_path: Path, *, images=None, annotations=None, categories=None,
           name="ann.json", toml_images: str | None = "imgs") -> Path:
     """Writes tmp_path/ds/{data.toml, annotations/NAME, imgs/*} and returns the TOML path.
 
@@ -52,13 +54,13 @@ def _coco(tmp_path: Path, write_png, write_json, *, images=None, annotations=Non
 # COCO format
 # ------------------------------------------------------------------------------------------------
 
-def test_relative_and_absolute_file_names(tmp_path, write_png, write_json, monkeypatch):
+def test_relative_and_absolute_file_names(tmp_path, monkeypatch):
     ds = tmp_path / "ds"
     write_png(ds / "imgs" / "sub" / "rel.png", 20, 10)
     absolute = write_png(tmp_path / "elsewhere" / "abs.png", 16, 12)
     images = [{"id": 1, "file_name": "sub/rel.png", "width": 20, "height": 10},
               {"id": 2, "file_name": str(absolute), "width": 16, "height": 12}]
-    _coco(tmp_path, write_png, write_json, images=images, annotations=[])
+    _coco(tmp_path, images=images, annotations=[])
     monkeypatch.chdir(tmp_path / "elsewhere")  # paths in the TOML are relative to its folder, not the cwd
     data = load_dataset(Path("..") / "ds" / "data.toml", "train")
     assert [r.file for r in data.records] == [(ds / "imgs" / "sub" / "rel.png").resolve(), absolute]
@@ -66,7 +68,7 @@ def test_relative_and_absolute_file_names(tmp_path, write_png, write_json, monke
         assert tuple(read_image(r).shape) == (3, r.height, r.width)
 
 
-def test_noncontiguous_category_ids_including_zero(tmp_path, write_png, write_json):
+def test_noncontiguous_category_ids_including_zero(tmp_path):
     categories = [{"id": 7, "name": "seven"}, {"id": 0, "name": "zero"}, {"id": 3, "name": "three"}]
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 7, "bbox": [0, 0, 4, 4]},
@@ -74,7 +76,7 @@ def test_noncontiguous_category_ids_including_zero(tmp_path, write_png, write_js
         {"id": 3, "image_id": 2, "category_id": 3, "bbox": [1, 1, 6, 6]},
         {"id": 4, "image_id": 2, "category_id": 99, "bbox": [1, 1, 6, 6]},  # unknown: not trained on
     ]
-    data = load_dataset(_coco(tmp_path, write_png, write_json, annotations=annotations,
+    data = load_dataset(_coco(tmp_path, annotations=annotations,
                               categories=categories), "train")
     assert data.category_ids == [0, 3, 7]  # label i+1 <-> category_ids[i], in id order
     assert data.class_names == ["__background__", "zero", "three", "seven"]
@@ -87,8 +89,8 @@ def test_noncontiguous_category_ids_including_zero(tmp_path, write_png, write_js
     assert data.dropped == {"with unknown category_id": 1}
 
 
-def test_images_without_annotations_are_kept(tmp_path, write_png, write_json):
-    data = load_dataset(_coco(tmp_path, write_png, write_json), "train")
+def test_images_without_annotations_are_kept(tmp_path):
+    data = load_dataset(_coco(tmp_path), "train")
     assert [r.image_id for r in data.records] == [1, 2]
     empty = data.records[1]
     assert empty.boxes.shape == (0, 4) and empty.boxes.dtype == np.float32
@@ -97,19 +99,19 @@ def test_images_without_annotations_are_kept(tmp_path, write_png, write_json):
     assert "1 images without boxes" in data.summary()
 
 
-def test_boxes_are_xyxy_in_original_pixels(tmp_path, write_png, write_json):
-    data = load_dataset(_coco(tmp_path, write_png, write_json), "train")
+def test_boxes_are_xyxy_in_original_pixels(tmp_path):
+    data = load_dataset(_coco(tmp_path), "train")
     np.testing.assert_array_equal(data.records[0].boxes, np.array([[2, 3, 7, 7]], np.float32))
     assert data.records[0].boxes.dtype == np.float32
 
 
-def test_crowd_boxes_are_ignored_not_trained_on(tmp_path, write_png, write_json):
+def test_crowd_boxes_are_ignored_not_trained_on(tmp_path):
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4], "iscrowd": 0},
         {"id": 2, "image_id": 1, "category_id": 2, "bbox": [0, 0, 10, 8], "iscrowd": 1,
          "segmentation": {"counts": [0, 80], "size": [10, 20]}},
     ]
-    data = load_dataset(_coco(tmp_path, write_png, write_json, annotations=annotations), "train")
+    data = load_dataset(_coco(tmp_path, annotations=annotations), "train")
     r = data.records[0]
     np.testing.assert_array_equal(r.boxes, [[2, 3, 7, 7]])
     assert r.labels.tolist() == [1]
@@ -119,7 +121,7 @@ def test_crowd_boxes_are_ignored_not_trained_on(tmp_path, write_png, write_json)
     assert len(data.coco_gt["annotations"]) == 2  # evaluation still sees the crowd region
 
 
-def test_zero_and_negative_size_boxes_are_dropped_and_counted(tmp_path, write_png, write_json):
+def test_zero_and_negative_size_boxes_are_dropped_and_counted(tmp_path):
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4]},
         {"id": 2, "image_id": 1, "category_id": 1, "bbox": [2, 3, 0, 4]},  # zero width
@@ -128,31 +130,31 @@ def test_zero_and_negative_size_boxes_are_dropped_and_counted(tmp_path, write_pn
         {"id": 5, "image_id": 1, "category_id": 1, "bbox": [25, 3, 4, 4]},  # outside the 20 px wide image
         {"id": 6, "image_id": 1, "category_id": 2, "bbox": [-3, -2, 8, 6]},  # clipped, still valid
     ]
-    data = load_dataset(_coco(tmp_path, write_png, write_json, annotations=annotations), "train")
+    data = load_dataset(_coco(tmp_path, annotations=annotations), "train")
     r = data.records[0]
     np.testing.assert_array_equal(r.boxes, [[2, 3, 7, 7], [0, 0, 5, 4]])
     assert r.labels.tolist() == [1, 2]
     assert data.dropped == {"zero/negative-size boxes": 4}
 
 
-def test_extra_annotation_keys_are_ignored(tmp_path, write_png, write_json):
-    plain = load_dataset(_coco(tmp_path / "plain", write_png, write_json), "train")
+def test_extra_annotation_keys_are_ignored(tmp_path):
+    plain = load_dataset(_coco(tmp_path / "plain"), "train")
     annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4], "iscrowd": 0,
                     "segmentation": [[2, 3, 7, 3, 7, 7, 2, 7]], "area": 20.0,
                     "keypoints": [3, 4, 2, 5, 5, 1], "num_keypoints": 2, "attributes": {"occluded": True}}]
-    extra = load_dataset(_coco(tmp_path / "extra", write_png, write_json, annotations=annotations), "train")
+    extra = load_dataset(_coco(tmp_path / "extra", annotations=annotations), "train")
     np.testing.assert_array_equal(plain.records[0].boxes, extra.records[0].boxes)
     np.testing.assert_array_equal(plain.records[0].labels, extra.records[0].labels)
     assert extra.dropped == {}
 
 
-def test_missing_width_height_are_read_from_the_image(tmp_path, write_png, write_json):
+def test_missing_width_height_are_read_from_the_image(tmp_path):
     ds = tmp_path / "ds"
     write_png(ds / "imgs" / "a.png", 20, 10)
     write_png(ds / "imgs" / "b.jpg", 33, 17)
     images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.jpg", "width": 0, "height": None}]
     annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [15, 5, 20, 20]}]  # clipped to 20x10
-    data = load_dataset(_coco(tmp_path, write_png, write_json, images=images, annotations=annotations), "train")
+    data = load_dataset(_coco(tmp_path, images=images, annotations=annotations), "train")
     assert [(r.width, r.height) for r in data.records] == [(20, 10), (33, 17)]
     np.testing.assert_array_equal(data.records[0].boxes, [[15, 5, 20, 10]])
     for r in data.records:
@@ -191,7 +193,7 @@ def test_error_json_that_is_a_list(tmp_path):
     _assert_one_line_naming(e, results)
 
 
-def test_error_binary_annotation_file(tmp_path, write_png):
+def test_error_binary_annotation_file(tmp_path):
     png = write_png(tmp_path / "not_json.png", 8, 8)
     with pytest.raises(DataError) as e:
         load_coco(png, tmp_path, "x", "train")
@@ -199,7 +201,7 @@ def test_error_binary_annotation_file(tmp_path, write_png):
 
 
 @pytest.mark.parametrize("key", ["images", "categories"])
-def test_error_missing_coco_list(tmp_path, write_json, key):
+def test_error_missing_coco_list(tmp_path, key):
     obj = {"images": [], "annotations": [], "categories": []}
     del obj[key]
     path = write_json(tmp_path / "ann.json", obj)
@@ -208,27 +210,27 @@ def test_error_missing_coco_list(tmp_path, write_json, key):
     assert f"'{key}'" in _assert_one_line_naming(e, path)
 
 
-def test_error_relative_file_name_without_images_folder(tmp_path, write_png, write_json):
-    toml = _coco(tmp_path, write_png, write_json, toml_images=None)
+def test_error_relative_file_name_without_images_folder(tmp_path):
+    toml = _coco(tmp_path, toml_images=None)
     with pytest.raises(DataError) as e:
         load_dataset(toml, "train")
     msg = _assert_one_line_naming(e, tmp_path / "ds" / "annotations" / "ann.json")
     assert "'a.png'" in msg and "images" in msg
 
 
-def test_error_unreadable_image_when_size_is_missing(tmp_path, write_png, write_json):
+def test_error_unreadable_image_when_size_is_missing(tmp_path):
     ds = tmp_path / "ds"
     (ds / "imgs").mkdir(parents=True)
     (ds / "imgs" / "a.png").write_bytes(b"definitely not an image")
-    toml = _coco(tmp_path, write_png, write_json, images=[{"id": 5, "file_name": "a.png"}], annotations=[])
+    toml = _coco(tmp_path, images=[{"id": 5, "file_name": "a.png"}], annotations=[])
     with pytest.raises(DataError) as e:
         load_dataset(toml, "train")
     assert "image id 5" in _assert_one_line_naming(e, ds / "imgs" / "a.png")
 
 
 @pytest.mark.parametrize("content", ["garbage", "truncated", "missing"])
-def test_read_image_errors(tmp_path, write_png, write_json, content):
-    toml = _coco(tmp_path, write_png, write_json)
+def test_read_image_errors(tmp_path, content):
+    toml = _coco(tmp_path)
     data = load_dataset(toml, "train")
     record = data.records[0]
     if content == "garbage":
@@ -242,25 +244,25 @@ def test_read_image_errors(tmp_path, write_png, write_json, content):
     assert "image id 1" in _assert_one_line_naming(e, record.file)
 
 
-def test_read_image_size_disagreeing_with_annotation(tmp_path, write_png, write_json):
+def test_read_image_size_disagreeing_with_annotation(tmp_path):
     ds = tmp_path / "ds"
     write_png(ds / "imgs" / "a.png", 21, 10)  # annotation says 20x10
     images = [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}]
-    data = load_dataset(_coco(tmp_path, write_png, write_json, images=images), "train")
+    data = load_dataset(_coco(tmp_path, images=images), "train")
     with pytest.raises(DataError) as e:
         read_image(data.records[0])
     msg = _assert_one_line_naming(e, data.records[0].file)
     assert "21x10" in msg and "20x10" in msg
 
 
-def test_read_image_converts_grayscale_to_rgb(tmp_path, write_json, write_png):
+def test_read_image_converts_grayscale_to_rgb(tmp_path):
     from PIL import Image
 
     ds = tmp_path / "ds"
     (ds / "imgs").mkdir(parents=True)
     Image.new("L", (20, 10), 77).save(ds / "imgs" / "a.png")
     images = [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}]
-    data = load_dataset(_coco(tmp_path, write_png, write_json, images=images), "train")
+    data = load_dataset(_coco(tmp_path, images=images), "train")
     image = read_image(data.records[0])
     assert image.dtype.is_floating_point is False and tuple(image.shape) == (3, 10, 20)
     assert int(image.min()) == int(image.max()) == 77
@@ -270,8 +272,8 @@ def test_read_image_converts_grayscale_to_rgb(tmp_path, write_json, write_png):
 # dataset TOML
 # ------------------------------------------------------------------------------------------------
 
-def test_toml_missing_split_section(tmp_path, write_png, write_json):
-    toml = _coco(tmp_path, write_png, write_json)
+def test_toml_missing_split_section(tmp_path):
+    toml = _coco(tmp_path)
     with pytest.raises(DataError) as e:
         load_dataset(toml, "val")
     msg = _assert_one_line_naming(e, toml.resolve())
@@ -310,7 +312,7 @@ def _voc_object(name: str, box: tuple[int, int, int, int], difficult: int | None
             f"<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
 
 
-def _voc_tree(root: Path, write_png, images: dict[str, tuple[int, int, list[str]]], image_set="trainval") -> Path:
+def _voc_tree(root: Path, images: dict[str, tuple[int, int, list[str]]], image_set="trainval") -> Path:
     """root/{Annotations,ImageSets/Main,JPEGImages}; images: stem -> (width, height, object xml snippets)."""
     (root / "Annotations").mkdir(parents=True)
     (root / "ImageSets" / "Main").mkdir(parents=True)
@@ -325,9 +327,9 @@ def _voc_tree(root: Path, write_png, images: dict[str, tuple[int, int, list[str]
 
 
 @pytest.fixture
-def voc_toml(tmp_path, write_png) -> Path:
+def voc_toml(tmp_path) -> Path:
     root = tmp_path / "VOCdevkit" / "VOC2007"
-    _voc_tree(root, write_png, {
+    _voc_tree(root, {
         "000001": (40, 30, [_voc_object("dog", (11, 6, 30, 25)),
                             _voc_object("cat", (1, 1, 10, 10), difficult=1),
                             _voc_object("unicorn", (2, 2, 8, 8))]),
@@ -375,8 +377,8 @@ def test_voc_loads_with_difficult_ignored_and_zero_based_boxes(voc_toml):
         assert tuple(read_image(r).shape) == (3, r.height, r.width)
 
 
-def test_voc_custom_classes_and_missing_image_set(tmp_path, write_png):
-    root = _voc_tree(tmp_path / "VOC", write_png, {"a": (20, 20, [_voc_object("dog", (2, 2, 10, 10)),
+def test_voc_custom_classes_and_missing_image_set(tmp_path):
+    root = _voc_tree(tmp_path / "VOC", {"a": (20, 20, [_voc_object("dog", (2, 2, 10, 10)),
                                                                     _voc_object("cat", (3, 3, 9, 9))])})
     toml = tmp_path / "voc.toml"
     toml.write_text('format = "voc"\nroot = "VOC"\nclasses = ["cat", "dog"]\n'
@@ -389,8 +391,8 @@ def test_voc_custom_classes_and_missing_image_set(tmp_path, write_png):
     _assert_one_line_naming(e, root / "ImageSets" / "Main" / "test.txt")
 
 
-def test_voc_unparseable_annotation(tmp_path, write_png):
-    root = _voc_tree(tmp_path / "VOC", write_png, {"a": (20, 20, [])})
+def test_voc_unparseable_annotation(tmp_path):
+    root = _voc_tree(tmp_path / "VOC", {"a": (20, 20, [])})
     (root / "Annotations" / "a.xml").write_text("<annotation><size>")
     toml = tmp_path / "voc.toml"
     toml.write_text('format = "voc"\n[train]\nroot = "VOC"\nimage_set = "trainval"\n')
@@ -403,8 +405,8 @@ def test_voc_unparseable_annotation(tmp_path, write_png):
 # fingerprint
 # ------------------------------------------------------------------------------------------------
 
-def test_fingerprint_stable_and_sensitive_to_boxes(tmp_path, write_png, write_json):
-    toml = _coco(tmp_path, write_png, write_json)
+def test_fingerprint_stable_and_sensitive_to_boxes(tmp_path):
+    toml = _coco(tmp_path)
     ann_file = tmp_path / "ds" / "annotations" / "ann.json"
     a, b = load_dataset(toml, "train"), load_dataset(toml, "train")
     assert a.fingerprint() == b.fingerprint()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
 from defeat_cache.cache import extract as extract_mod
-from defeat_cache.cache.extract import ExtractOptions, extract
+from defeat_cache.cache.extract import extract
 from defeat_cache.cli import main as cli
 from defeat_cache.data.dataset import collate, load_dataset
 from defeat_cache.data.records import DataError
@@ -28,10 +27,13 @@ from defeat_cache.distill.distiller import build_distiller
 from defeat_cache.distill.presets import list_presets, load_preset
 from defeat_cache.distill.sources import CachedViewDataset, build_teacher_source
 from defeat_cache.engine import train as train_mod
-from defeat_cache.engine.train import TrainOptions, TrainStep, train
+from defeat_cache.engine.train import TrainStep, train
 from defeat_cache.errors import UserError
 from defeat_cache.models import zoo
 from defeat_cache.models.zoo import build_detector, load_model_spec
+
+from builders import TINY_RETINA, shapes_dataset, tiny_extract_options, tiny_train_options, write_model_toml
+from checks import run_metrics
 
 CPU = torch.device("cpu")
 NECK_TERMS = ("loss_neck_obj", "loss_neck_bg", "loss_neck")
@@ -88,10 +90,6 @@ def _run(step: TrainStep, source, samples: list[dict], seed: int):
     return {k: v.detach().double().item() for k, v in losses.items()}, grads
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
 def _expected_kd_terms(preset: dict) -> set[str]:
     out = set()
     neck, cls, bb = preset["neck"], preset["cls"], preset["backbone"]
@@ -102,13 +100,6 @@ def _expected_kd_terms(preset: dict) -> set[str]:
     if bb["enabled"]:
         out |= {"loss_backbone"}
     return out
-
-
-def _train_opts(run_dir, student_toml, data_toml, **kw) -> TrainOptions:
-    base = dict(student=str(student_toml), data=str(data_toml), out=str(run_dir), max_iters=2, batch_size=2,
-                workers=0, log_every=1, progress=False, checkpoint_minutes=1e9)
-    base.update(kw)
-    return TrainOptions(**base)
 
 
 # ------------------------------------------------------------------------------------ faithfulness
@@ -227,9 +218,7 @@ def test_faithful_on_images_without_boxes(tmp_path, tiny_shapes, tiny_model_toml
     assert [len(r.boxes) == 0 for r in small.records] == [False, True, True, False]
 
     cache = tmp_path / "c.zarr"
-    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint), data=str(data_toml),
-                           out=str(cache), codec="fp32", proposals=20, pre_nms_top_n=50, batch_size=1, workers=0,
-                           items_per_shard=3, progress=False))
+    extract(tiny_extract_options(tiny_model_toml, tiny_teacher_checkpoint, data_toml, cache, items_per_shard=3))
     preset = load_preset("defeat", ["teacher.proposals=20", "teacher.pre_nms_top_n=50"])
     online, online_source = _make_step(student_spec, small, preset, teacher=str(tiny_model_toml),
                                        teacher_checkpoint=str(tiny_teacher_checkpoint))
@@ -274,8 +263,8 @@ def test_cache_mode_training_builds_no_teacher(tmp_path, monkeypatch, tiny_cache
 
     monkeypatch.setattr(sources_mod.OnlineSource, "__init__", no_online)
     monkeypatch.setattr(sources_mod, "teacher_outputs", no_teacher_forward)
-    summary = train(_train_opts(tmp_path / "run", tiny_student_toml, tiny_shapes, distill=_preset("defeat", tiny_cache),
-                                cache=cache))
+    summary = train(tiny_train_options(tiny_student_toml, tiny_shapes, tmp_path / "run",
+                                       distill=_preset("defeat", tiny_cache), cache=cache))
     assert summary["iterations"] == 2
     assert built == ["tiny_student"]
 
@@ -292,29 +281,28 @@ def test_online_mode_training_builds_the_teacher(tmp_path, monkeypatch, tiny_cac
 
     for mod in (zoo, train_mod, sources_mod):
         monkeypatch.setattr(mod, "build_detector", counting)
-    train(_train_opts(tmp_path / "run", tiny_student_toml, tiny_shapes, max_iters=1, distill=_preset("defeat", tiny_cache),
-                      teacher=str(tiny_model_toml), teacher_checkpoint=str(tiny_teacher_checkpoint)))
+    train(tiny_train_options(tiny_student_toml, tiny_shapes, tmp_path / "run", max_iters=1,
+                             distill=_preset("defeat", tiny_cache), teacher=str(tiny_model_toml),
+                             teacher_checkpoint=str(tiny_teacher_checkpoint)))
     assert sorted(built) == ["tiny_frcnn", "tiny_student"]
 
 
 # ------------------------------------------------------------------------------------ mismatching caches
 def test_cache_of_other_dataset_is_refused(tmp_path, tiny_cache, tiny_student_toml):
-    from defeat_cache.data.shapes import generate_shapes
-    other = generate_shapes(tmp_path / "other", num_train=12, num_val=2, seed=1, min_side=64, max_side=96,
-                            progress=False)
+    other = shapes_dataset(tmp_path / "other", num_train=12, num_val=2, seed=1)
     with pytest.raises(UserError) as e:
-        train(_train_opts(tmp_path / "run", tiny_student_toml, other, distill=_preset("defeat", tiny_cache),
-                          cache=tiny_cache("fp32")))
+        train(tiny_train_options(tiny_student_toml, other, tmp_path / "run", distill=_preset("defeat", tiny_cache),
+                                 cache=tiny_cache("fp32")))
     msg = str(e.value)
     assert "dataset" in msg and "fingerprint" in msg and tiny_cache("fp32") in msg
 
 
-def test_cache_of_other_preprocessing_is_refused(tmp_path, tiny_cache, tiny_shapes, write_model_toml):
+def test_cache_of_other_preprocessing_is_refused(tmp_path, tiny_cache, tiny_shapes):
     student = write_model_toml(tmp_path / "student80.toml", backbone={"width_divisor": 8, "fpn_channels": 16},
                                input={"min_size": 80, "max_size": 96})
     with pytest.raises(UserError) as e:
-        train(_train_opts(tmp_path / "run", student, tiny_shapes, distill=_preset("defeat", tiny_cache),
-                          cache=tiny_cache("fp32")))
+        train(tiny_train_options(student, tiny_shapes, tmp_path / "run", distill=_preset("defeat", tiny_cache),
+                                 cache=tiny_cache("fp32")))
     msg = str(e.value)
     assert "preprocessing" in msg and "min_size" in msg and "64" in msg and "80" in msg
 
@@ -343,9 +331,9 @@ def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_t
         assert expected == EXPECTED[name]
     cache = tiny_cache("fp32", backbone=bool(preset["backbone"]["enabled"]))
     run = tmp_path / "run"
-    summary = train(_train_opts(run, tiny_student_toml, tiny_shapes, distill=preset, cache=cache))
+    summary = train(tiny_train_options(tiny_student_toml, tiny_shapes, run, distill=preset, cache=cache))
     assert summary["iterations"] == 2 and Path(summary["final"]).is_file()
-    lines = _metrics(run)
+    lines = run_metrics(run)
     assert [l["iter"] for l in lines] == [1, 2]
     for line in lines:
         kd = {k for k in line if k.startswith("loss_")} - DET_TERMS
@@ -385,7 +373,7 @@ def test_cli_train_from_cache_with_override(tmp_path, tiny_cache, tiny_student_t
     assert json.loads(res.stdout.strip().splitlines()[-1])["iterations"] == 1
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["options"]["distill"]["neck"]["alpha_bg"] == 8
-    assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(_metrics(run)[0])
+    assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(run_metrics(run)[0])
 
     bad = CliRunner().invoke(cli, common + ["--set", "neck.nope=1"])
     assert bad.exit_code != 0 and "nope" in bad.output and "Traceback" not in bad.output
@@ -396,16 +384,15 @@ def test_cli_train_from_cache_with_override(tmp_path, tiny_cache, tiny_student_t
 def retina_cache(tmp_path_factory, tiny_retina_toml, tiny_retina_checkpoint, tiny_shapes):
     """A RetinaNet teacher cache (FPN P3-P7 and backbone stages; no proposals or logits)."""
     out = tmp_path_factory.mktemp("retina_cache") / "r.zarr"
-    extract(ExtractOptions(teacher=str(tiny_retina_toml), checkpoint=str(tiny_retina_checkpoint),
-                           data=str(tiny_shapes), out=str(out), codec="fp16", backbone=True, workers=0,
-                           batch_size=4, items_per_shard=8, progress=False))
+    extract(tiny_extract_options(tiny_retina_toml, tiny_retina_checkpoint, tiny_shapes, out, codec="fp16",
+                                 backbone=True, batch_size=4, items_per_shard=8))
     return str(out)
 
 
 @pytest.fixture(scope="module")
-def retina_student_toml(tmp_path_factory, tiny_retina_toml, write_model_toml):
-    cfg = tomllib.loads(Path(tiny_retina_toml).read_text())
-    return write_model_toml(tmp_path_factory.mktemp("models") / "tiny_retina_student.toml", base=cfg,
+def retina_student_toml(tmp_path_factory):
+    """A smaller RetinaNet student (eighth-width, 16-ch FPN) with ``tiny_retina_toml``'s preprocessing."""
+    return write_model_toml(tmp_path_factory.mktemp("models") / "tiny_retina_student.toml", base=TINY_RETINA,
                             backbone={"width_divisor": 8, "fpn_channels": 16})
 
 
@@ -413,10 +400,10 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
                                                 tiny_student_toml):
     from defeat_cache.distill.compat import IncompatibleError
     run = tmp_path / "run"
-    summary = train(_train_opts(run, retina_student_toml, tiny_shapes, distill=load_preset("defeat"),
-                                cache=retina_cache))
+    summary = train(tiny_train_options(retina_student_toml, tiny_shapes, run, distill=load_preset("defeat"),
+                                       cache=retina_cache))
     assert summary["iterations"] == 2
-    for line in _metrics(run):
+    for line in run_metrics(run):
         assert {"loss_neck_obj", "loss_neck_bg"} <= set(line)
         assert not {k for k in line if k.startswith("loss_cls_")}
         assert all(math.isfinite(line[k]) for k in ("loss_neck_obj", "loss_neck_bg", "loss"))
@@ -424,20 +411,20 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
     # backbone imitation (docs/method.md#retinanet: RetinaNet neck + optional backbone) once cls KD is switched off;
     # only `defeat` drops its RoI part by itself (docs/method.md), so defeat_backbone needs cls.enabled=false
     with pytest.raises(IncompatibleError, match="cls.enabled=false"):
-        train(_train_opts(tmp_path / "run_bb_cls", retina_student_toml, tiny_shapes, max_iters=1,
-                          distill=load_preset("defeat_backbone"), cache=retina_cache))
+        train(tiny_train_options(retina_student_toml, tiny_shapes, tmp_path / "run_bb_cls", max_iters=1,
+                                 distill=load_preset("defeat_backbone"), cache=retina_cache))
     run_bb = tmp_path / "run_bb"
-    train(_train_opts(run_bb, retina_student_toml, tiny_shapes, max_iters=1,
-                      distill=load_preset("defeat_backbone", ["cls.enabled=false"]), cache=retina_cache))
-    line = _metrics(run_bb)[0]
+    train(tiny_train_options(retina_student_toml, tiny_shapes, run_bb, max_iters=1,
+                             distill=load_preset("defeat_backbone", ["cls.enabled=false"]), cache=retina_cache))
+    line = run_metrics(run_bb)[0]
     assert {"loss_neck_obj", "loss_neck_bg", "loss_backbone"} <= set(line) and math.isfinite(line["loss_backbone"])
 
     with pytest.raises(IncompatibleError, match="RoI"):  # a cls-only preset cannot apply to RetinaNet
-        train(_train_opts(tmp_path / "run2", retina_student_toml, tiny_shapes, distill=load_preset("cls_decoupled"),
-                          cache=retina_cache))
+        train(tiny_train_options(retina_student_toml, tiny_shapes, tmp_path / "run2",
+                                 distill=load_preset("cls_decoupled"), cache=retina_cache))
     with pytest.raises(IncompatibleError, match="family|retinanet"):  # no cross-family distillation
-        train(_train_opts(tmp_path / "run3", tiny_student_toml, tiny_shapes, distill=load_preset("neck_decoupled"),
-                          cache=retina_cache))
+        train(tiny_train_options(tiny_student_toml, tiny_shapes, tmp_path / "run3",
+                                 distill=load_preset("neck_decoupled"), cache=retina_cache))
 
 
 # ------------------------------------------------------------------------------------ concurrent readers

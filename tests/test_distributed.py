@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 import zarr
 
-from defeat_cache.cache.extract import ExtractOptions, extract
 from defeat_cache.cache import TeacherCache
+from defeat_cache.cache.extract import extract
+
+from builders import (DEFAULT_PRE_NMS, cli_extract_argv, cli_extract_options, shapes_dataset, tiny_extract_options,
+                      tiny_train_options, torchrun, write_model_toml)
+from checks import assert_same_caches, run_metrics
 
 # A launcher that can die like a killed process (os._exit, no cleanup) after N written shards.
 LAUNCHER = textwrap.dedent("""
@@ -31,52 +35,43 @@ LAUNCHER = textwrap.dedent("""
 """)
 
 
-def _args(model, ckpt, data, out):
-    return ["extract", "--teacher", str(model), "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out),
-            "--codec", "fp32", "--proposals", "20", "--items-per-shard", "2", "--batch-size", "1",
-            "--workers", "0"]
-
-
-def _launch(tmp_path: Path, torchrun, nproc: int, args: list[str], env: dict | None = None):
+def _launch(tmp_path: Path, nproc: int, args: list[str], env: dict | None = None):
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER)
     return torchrun([script, *args], env=env, nproc=nproc)
 
 
-def _assert_same_cache(a: str, b: str, assert_same_caches) -> None:
+def _assert_same_cache(a: str, b: str) -> None:
     assert_same_caches(zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r"), atol=1e-5)
     assert TeacherCache(a).manifest["complete"] and TeacherCache(b).manifest["complete"]
 
 
 def test_two_rank_extraction_equals_one_process(tmp_path, reference_cache, tiny_model_toml,
-                                                tiny_teacher_checkpoint, tiny_shapes, torchrun, assert_same_caches):
+                                                tiny_teacher_checkpoint, tiny_shapes):
     out = tmp_path / "two_ranks.zarr"
-    r = _launch(tmp_path, torchrun, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
+    r = _launch(tmp_path, 2, cli_extract_argv(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
     assert r.returncode == 0, r.stderr[-3000:]
-    _assert_same_cache(reference_cache, str(out), assert_same_caches)
+    _assert_same_cache(reference_cache, str(out))
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # the job's totals, printed once: 12 images x 2 views in 12 shards
     assert summaries[0]["items"] == 24 and summaries[0]["written_shards"] == 12 and summaries[0]["ranks"] == 2
 
 
 def test_killed_two_rank_run_resumes_with_one_process(tmp_path, reference_cache, tiny_model_toml,
-                                                      tiny_teacher_checkpoint, tiny_shapes, torchrun,
-                                                      assert_same_caches):
+                                                      tiny_teacher_checkpoint, tiny_shapes):
     out = tmp_path / "killed.zarr"
-    r = _launch(tmp_path, torchrun, 2, _args(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out),
+    r = _launch(tmp_path, 2, cli_extract_argv(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out),
                 env={"KILL_AFTER_SHARDS": "1"})
     assert r.returncode != 0  # a rank died mid-run
     partial = TeacherCache(str(out), allow_incomplete=True)
     done = partial.inspect()["shards_done"]
     assert 1 <= done < partial.layout.num_shards and not partial.manifest["complete"]
-    summary = extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
-                                     data=str(tiny_shapes), out=str(out), codec="fp32", proposals=20,
-                                     items_per_shard=2, batch_size=1, workers=0, progress=False))
+    summary = extract(cli_extract_options(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out))
     assert summary["complete"] and summary["written_shards"] == partial.layout.num_shards - done
-    _assert_same_cache(reference_cache, str(out), assert_same_caches)
+    _assert_same_cache(reference_cache, str(out))
 
 
-def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes, torchrun):
+def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
     """torchrun + gloo: DistributedDataParallel over (student, adapters), each rank reading its
     own part of the same cache; rank 0 alone logs (losses averaged over ranks) and checkpoints."""
     cache = tiny_cache("fp16", False)
@@ -87,7 +82,7 @@ def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student
     assert r.returncode == 0, r.stderr[-3000:]
     summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["iterations"] == 3  # one rank reports
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = run_metrics(out)
     assert [m["iter"] for m in lines] == [1, 2, 3]  # written once, by rank 0
     assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(lines[0])
     config = json.loads((out / "config.json").read_text())
@@ -95,7 +90,7 @@ def test_two_rank_ddp_training_from_one_cache(tmp_path, tiny_cache, tiny_student
     assert (out / "final.pt").is_file()
 
 
-def _frozen_bn_student(write_model_toml, folder: Path) -> Path:
+def _frozen_bn_student(folder: Path) -> Path:
     # Batch statistics are per rank under DDP (SyncBatchNorm needs CUDA), so the equality is
     # checked on a student without them: frozen BN, as the paper's ImageNet-initialised students.
     return write_model_toml(folder / "frozen_student.toml", backbone={"width_divisor": 8, "fpn_channels": 16,
@@ -109,8 +104,7 @@ def _weight_deltas(run: Path, init: dict) -> dict:
     return {k: (v.double() - init[k].double()) for k, v in state.items() if v.dtype.is_floating_point}
 
 
-def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_toml, tiny_model_toml,
-                                                       tiny_teacher_checkpoint, torchrun):
+def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, tiny_model_toml, tiny_teacher_checkpoint):
     """torchrun --nproc_per_node=2, 2 images per rank == one process with 4 images per step.
 
     Same init, same global batches (the ViewSampler's strides), per-image sampling seeds and
@@ -120,19 +114,15 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
     hands the checkpoint to rank 1) ends where the straight run does."""
     import torch
 
-    from defeat_cache.data.shapes import generate_shapes
     from defeat_cache.distill.presets import load_preset
-    from defeat_cache.engine.train import TrainOptions, train
+    from defeat_cache.engine.train import train
 
-    data = generate_shapes(tmp_path / "shapes", num_train=8, num_val=2, seed=3, min_side=80, max_side=80,
-                           progress=False)
+    data = shapes_dataset(tmp_path / "shapes", num_train=8, num_val=2, seed=3, min_side=80, max_side=80)
     cache = tmp_path / "cache.zarr"
-    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint), data=str(data),
-                           out=str(cache), codec="fp32", proposals=20, items_per_shard=4, batch_size=1, workers=0,
-                           progress=False))
-    student = _frozen_bn_student(write_model_toml, tmp_path)
-    common = dict(student=str(student), data=str(data), cache=str(cache), warmup_iters=0,
-                  workers=0, log_every=1, progress=False, distill=load_preset("defeat"))
+    extract(tiny_extract_options(tiny_model_toml, tiny_teacher_checkpoint, data, cache, items_per_shard=4,
+                                 pre_nms_top_n=DEFAULT_PRE_NMS))
+    student = _frozen_bn_student(tmp_path)
+    common = dict(cache=str(cache), warmup_iters=0, distill=load_preset("defeat"))
 
     def two_ranks(out: Path, *extra: str) -> None:
         r = torchrun(["-m", "defeat_cache", "train", "--student", student, "--data", data, "--out", out,
@@ -140,11 +130,11 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, write_model_tom
                       "--batch-size", "2", "--workers", "0", "--log-every", "1", *extra])
         assert r.returncode == 0, r.stderr[-3000:]
 
-    train(TrainOptions(out=str(tmp_path / "single"), batch_size=4, max_iters=3, **common))
+    train(tiny_train_options(student, data, tmp_path / "single", batch_size=4, max_iters=3, **common))
     two_ranks(tmp_path / "ddp")
-    train(TrainOptions(out=str(tmp_path / "resumed"), batch_size=4, max_iters=1, **common))
+    train(tiny_train_options(student, data, tmp_path / "resumed", batch_size=4, max_iters=1, **common))
     two_ranks(tmp_path / "resumed", "--resume")
-    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    lines = run_metrics(tmp_path / "resumed")
     assert [m["iter"] for m in lines] == [1, 2, 3]
 
     # the initial weights: what train() builds for seed 0 before its first step
@@ -196,7 +186,7 @@ EVAL_LAUNCHER = textwrap.dedent("""
 """)
 
 
-def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoint, tiny_shapes, torchrun):
+def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoint, tiny_shapes):
     """Each rank predicts its stride of the images; rank 0 gathers, scores and prints once."""
 
     import torch
@@ -251,7 +241,7 @@ FAULT_LAUNCHER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fault", ["sigint", "nan"])
-def test_a_fault_on_one_rank_stops_every_rank_cleanly(tmp_path, fault, tiny_model_toml, tiny_shapes, torchrun):
+def test_a_fault_on_one_rank_stops_every_rank_cleanly(tmp_path, fault, tiny_model_toml, tiny_shapes):
     """Ranks agree once per step: a Ctrl-C that reached rank 1 only stops both after the same
     step (checkpoint written, resumable); a NaN loss on rank 1 only ends both with the error,
     instead of one rank waiting in a collective the other never joins."""

@@ -29,6 +29,9 @@ from defeat_cache.models.teacher import teacher_outputs
 from defeat_cache.models.zoo import build_detector, load_model_spec
 from defeat_cache.views import ViewSet
 
+from builders import DEFAULT_PRE_NMS, random_detector_checkpoint, shapes_dataset, tiny_extract_options
+from checks import rel_l2
+
 VIEWS = "orig,hflip"
 
 
@@ -45,10 +48,6 @@ def _views_dataset(model_toml, data_toml):
     return ViewDataset(data, spec.preprocessing, ViewSet.parse(VIEWS)), data
 
 
-def _rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm((a - ref).double()) / torch.linalg.vector_norm(ref.double()).clamp_min(1e-30))
-
-
 def _arrays(path) -> dict[str, np.ndarray]:
     """Every array of a cache (zarr group) as numpy, by its path."""
     group = zarr.open_group(str(path), mode="r")
@@ -62,24 +61,20 @@ def _arrays(path) -> dict[str, np.ndarray]:
     return out
 
 
-def _opts(model_toml, ckpt, data_toml, out, **kw) -> ExtractOptions:
-    base = dict(teacher=str(model_toml), checkpoint=str(ckpt), data=str(data_toml), out=str(out), views=VIEWS,
-                codec="fp32", proposals=20, pre_nms_top_n=50, workers=0, batch_size=3, items_per_shard=3,
-                progress=False)
-    base.update(kw)
-    return ExtractOptions(**base)
+def _opts(model_toml, ckpt, data_toml, out, /, **overrides) -> ExtractOptions:
+    """This file's extractions: the tiny ones, 3 images a batch and 3 items a shard (16 items: 6 shards)."""
+    return tiny_extract_options(model_toml, ckpt, data_toml, out,
+                                **{"views": VIEWS, "batch_size": 3, "items_per_shard": 3, **overrides})
 
 
 @pytest.fixture(scope="module")
 def small_shapes(tmp_path_factory) -> Path:
     """8 train images (16 items): the dataset of the resume / corruption tests."""
-    from defeat_cache.data.shapes import generate_shapes
-    return generate_shapes(tmp_path_factory.mktemp("small_shapes"), num_train=8, num_val=4, seed=0,
-                           min_side=64, max_side=96, progress=False)
+    return shapes_dataset(tmp_path_factory.mktemp("small_shapes"), num_train=8, num_val=4)
 
 
 @pytest.fixture(scope="module")
-def small_teacher_ckpt(tmp_path_factory, tiny_model_toml, small_shapes, random_detector_checkpoint) -> Path:
+def small_teacher_ckpt(tmp_path_factory, tiny_model_toml, small_shapes) -> Path:
     return random_detector_checkpoint(tmp_path_factory.mktemp("small_teacher") / "t.pt", tiny_model_toml, small_shapes)
 
 
@@ -148,7 +143,7 @@ def test_lossy_codec_feature_error(tiny_cache, direct, codec, max_err):
         it = cache.read(i)
         for lvl, (a, b) in enumerate(zip(it.features, o.features)):
             assert a.shape == b.shape and a.dtype == torch.float32
-            worst = max(worst, _rel_l2(a, b))
+            worst = max(worst, rel_l2(a, b))
         # boxes and logits are stored as float32 whatever the feature codec
         torch.testing.assert_close(it.proposal_logits, o.proposal_logits, atol=1e-6, rtol=0)
         torch.testing.assert_close(it.gt_logits, o.gt_logits, atol=1e-6, rtol=0)
@@ -287,15 +282,13 @@ def test_rerun_on_complete_cache_is_noop(tmp_path, monkeypatch, tiny_model_toml,
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["written_shards"] == 0
-    summary = extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(small_teacher_ckpt),
-                                     data=str(small_shapes), out=str(out), codec="fp32", proposals=20, workers=0,
-                                     items_per_shard=3, progress=False))
+    # the same extraction through the API (the CLI has no --pre-nms-top-n: it extracts with the default)
+    summary = extract(_opts(tiny_model_toml, small_teacher_ckpt, small_shapes, out, pre_nms_top_n=DEFAULT_PRE_NMS))
     assert summary["written_shards"] == 0 and summary["complete"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_existing_cache_with_other_settings_is_refused(tmp_path, tiny_model_toml, small_shapes, small_teacher_ckpt,
-                                                      random_detector_checkpoint):
+def test_existing_cache_with_other_settings_is_refused(tmp_path, tiny_model_toml, small_shapes, small_teacher_ckpt):
     out = tmp_path / "c.zarr"
     extract(_opts(tiny_model_toml, small_teacher_ckpt, small_shapes, out))
     other_ckpt = random_detector_checkpoint(tmp_path / "other.pt", tiny_model_toml, small_shapes, seed=1)

@@ -15,6 +15,8 @@ from defeat_cache.models.forward import detector_forward
 from defeat_cache.models.zoo import (NarrowResNet, ViewTransform, build_detector, count_parameters, list_models,
                                      load_model_spec)
 
+from builders import write_model_toml
+
 FRCNN_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 RETINA_LOSSES = {"classification", "bbox_regression"}
 
@@ -105,7 +107,7 @@ def test_quarter_width_models_have_quarter_stage_channels(zoo_summary):
     assert zoo_summary["r18q_fpn_cpu"]["stage_out"] == [16, 32, 64, 128]
 
 
-def test_unknown_model_and_bad_family(tmp_path, write_model_toml):
+def test_unknown_model_and_bad_family(tmp_path):
     with pytest.raises(DataError, match="unknown model 'r9000'"):
         load_model_spec("r9000")
     bad = write_model_toml(tmp_path / "bad.toml", family="yolo")
@@ -264,8 +266,7 @@ def test_load_imagenet_backbone(tmp_path, tiny_model_toml):
             assert torch.equal(before[k], after[k]), k
 
 
-def test_load_imagenet_backbone_with_batchnorm_counters_into_frozen_bn(tmp_path, tiny_model_toml,
-                                                                        write_model_toml):
+def test_load_imagenet_backbone_with_batchnorm_counters_into_frozen_bn(tmp_path, tiny_model_toml):
     frozen = write_model_toml(tmp_path / "frozen.toml", backbone={"norm": "frozen_bn"})
     sd = _imagenet_dict(frozen)  # BatchNorm2d: has *.num_batches_tracked, like torchvision.models.resnet50()
     assert any(k.endswith("num_batches_tracked") for k in sd)

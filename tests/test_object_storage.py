@@ -17,9 +17,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from defeat_cache.cache.extract import ExtractOptions, extract
 from defeat_cache.cache import CacheError, TeacherCache, parse_storage_options
+from defeat_cache.cache.extract import extract
 from defeat_cache.cli import main as cli
+
+from builders import cli_extract_argv, tiny_extract_options, torchrun
+from checks import assert_same_caches, run_metrics
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -43,20 +46,17 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def s3_cache(s3, tiny_cache, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes) -> str:
+def s3_cache(s3, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes) -> str:
     """The tiny fp32 cache, extracted straight to S3 with the settings of ``tiny_cache``."""
     _, options = s3
     url = f"s3://{BUCKET}/tiny_fp32.zarr"
-    summary = extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
-                                     data=str(tiny_shapes), out=url, codec="fp32",
-                                     proposals=tiny_cache.proposals, pre_nms_top_n=tiny_cache.pre_nms_top_n,
-                                     items_per_shard=tiny_cache.items_per_shard, batch_size=1, workers=0,
-                                     progress=False, storage_options=options))
+    summary = extract(tiny_extract_options(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, url,
+                                           storage_options=options))
     assert summary["complete"]
     return url
 
 
-def test_extraction_to_s3_equals_local_extraction(s3, s3_cache, tiny_cache, assert_same_caches):
+def test_extraction_to_s3_equals_local_extraction(s3, s3_cache, tiny_cache):
     _, options = s3
     assert_same_caches(zarr.open_group(s3_cache, mode="r", storage_options=options),
                        zarr.open_group(tiny_cache("fp32"), mode="r"))
@@ -89,7 +89,7 @@ def test_train_streams_an_s3_cache_through_forked_workers(tmp_path, s3, s3_cache
                                    f"endpoint_url={endpoint}", "--max-iters", "2", "--batch-size", "2",
                                    "--workers", "2", "--log-every", "1"])
     assert res.exit_code == 0, res.output
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = run_metrics(out)
     assert [m["iter"] for m in lines] == [1, 2]
     assert all(m["loss_neck_obj"] > 0 and m["loss_cls_pos"] > 0 for m in lines)  # teacher targets arrived
     config = json.loads((out / "config.json").read_text())
@@ -140,21 +140,17 @@ def test_extraction_refuses_a_prefix_holding_other_objects(s3, tiny_model_toml, 
     fs.pipe(f"{BUCKET}/datasets/coco/annotations.json", b"{}")
     for out in (f"s3://{BUCKET}/datasets", f"s3://{BUCKET}"):
         with pytest.raises(CacheError, match="already holds objects"):
-            extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(tiny_teacher_checkpoint),
-                                   data=str(tiny_shapes), out=out, codec="fp32", proposals=20, items_per_shard=5,
-                                   batch_size=1, workers=0, progress=False, storage_options=options))
+            extract(tiny_extract_options(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, out,
+                                         storage_options=options))
     assert fs.cat(f"{BUCKET}/datasets/coco/annotations.json") == b"{}"
 
 
-def test_two_rank_extraction_to_s3(s3, reference_cache, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes,
-                                   torchrun, assert_same_caches):
+def test_two_rank_extraction_to_s3(s3, reference_cache, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes):
     """torchrun ranks writing their own shards of one s3:// cache (what a cluster's nodes do)
     give the same arrays as one process; credentials reach the ranks through the environment."""
     endpoint, options = s3
     url = f"s3://{BUCKET}/two_ranks.zarr"
-    r = torchrun(["-m", "defeat_cache", "extract", "--teacher", tiny_model_toml, "--checkpoint",
-                  tiny_teacher_checkpoint, "--data", tiny_shapes, "--out", url, "--codec", "fp32", "--proposals", "20",
-                  "--items-per-shard", "2", "--batch-size", "1", "--workers", "0",
+    r = torchrun(["-m", "defeat_cache", *cli_extract_argv(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, url),
                   "--storage-option", f"endpoint_url={endpoint}"])
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])

@@ -7,12 +7,14 @@ import pytest
 from click.testing import CliRunner
 
 from defeat_cache.cache import TeacherCache
-from defeat_cache.cache.extract import ExtractOptions, extract
+from defeat_cache.cache.extract import extract
 from defeat_cache.cache.plan import PlanOptions, format_plan, plan_cache
 from defeat_cache.cli import main as cli
 
+from builders import random_detector_checkpoint, tiny_extract_options, write_json, write_png
 
-def _coco_layout(root, write_png, write_json):
+
+def _coco_layout(root):
     """A COCO-layout folder: annotations/instances_train.json + train2017/*.jpg, images of varied
     sizes, category ids that are not contiguous (3, 7, 90)."""
     sizes = [(80, 60), (64, 96), (100, 72), (72, 72), (90, 64), (60, 110)]
@@ -32,12 +34,11 @@ def _coco_layout(root, write_png, write_json):
 
 @pytest.fixture(scope="module")
 def coco_layout(tmp_path_factory):
-    from conftest import write_json, write_png
-    return _coco_layout(tmp_path_factory.mktemp("coco_layout"), write_png, write_json)
+    return _coco_layout(tmp_path_factory.mktemp("coco_layout"))
 
 
 @pytest.fixture(scope="module")
-def coco_teacher(tmp_path_factory, tiny_model_toml, coco_layout, random_detector_checkpoint):
+def coco_teacher(tmp_path_factory, tiny_model_toml, coco_layout):
     return random_detector_checkpoint(tmp_path_factory.mktemp("t") / "t.pt", tiny_model_toml, coco_layout)
 
 
@@ -52,9 +53,8 @@ def test_plan_predicts_the_extracted_size_and_writes_nothing(tmp_path, tiny_mode
     assert all(c["fits_on_out"] for c in p["codecs"].values())
     # the whole extraction stores about what the plan said (the sample is 4 of 6 images)
     real = tmp_path / "real.zarr"
-    extract(ExtractOptions(teacher=str(tiny_model_toml), checkpoint=str(coco_teacher), data=str(coco_layout),
-                           out=str(real), codec="fp16", proposals=20, pre_nms_top_n=50, workers=0, progress=False,
-                           items_per_shard=12))
+    extract(tiny_extract_options(tiny_model_toml, coco_teacher, coco_layout, real, codec="fp16", items_per_shard=12,
+                                 batch_size=8))
     info = TeacherCache(str(real)).inspect()
     assert 0.7 < info["bytes_per_item"] / p["codecs"]["fp16"]["bytes_per_view"] < 1.3
     text = format_plan(p)

@@ -24,18 +24,15 @@ from defeat_cache.errors import UserError
 from defeat_cache.models.checkpoint import load_trained, load_weights, read_checkpoint
 from defeat_cache.models.zoo import build_detector, load_model_spec
 
+from builders import tiny_train_options
+from checks import run_metrics
+
 FRCNN_LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
-def _opts(model_toml, data_toml, out, **kw) -> TrainOptions:
-    base = dict(student=str(model_toml), data=str(data_toml), out=str(out), batch_size=2, workers=0,
-                log_every=1, progress=False, seed=0, warmup_iters=1)
-    base.update(kw)
-    return TrainOptions(**base)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def _opts(model_toml, data_toml, out, /, **overrides) -> TrainOptions:
+    """This file's runs: the tiny ones (batch 2), seed 0, a warm-up of 1 iteration."""
+    return tiny_train_options(model_toml, data_toml, out, **{"seed": 0, "warmup_iters": 1, **overrides})
 
 
 def _weights(checkpoint: Path) -> dict:
@@ -79,7 +76,7 @@ def resumed_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 def test_train_writes_metrics_and_checkpoints(straight_run):
-    lines = _metrics(straight_run)
+    lines = run_metrics(straight_run)
     assert [m["iter"] for m in lines] == [1, 2, 3, 4]
     for m in lines:
         for key in ("iter", "epoch", "lr", "images_per_s", "loss", "time", *FRCNN_LOSSES):
@@ -107,13 +104,13 @@ def test_trained_weights_changed(straight_run, tiny_model_toml):
 def test_same_seed_gives_identical_weights(tmp_path, tiny_model_toml, tiny_shapes, resumed_run):
     train(_opts(tiny_model_toml, tiny_shapes, tmp_path, max_iters=2))
     assert _max_diff(_weights(tmp_path / "final.pt"), _weights(resumed_run / "first_final.pt")) == 0.0
-    assert [m["loss"] for m in _metrics(tmp_path)] == [m["loss"] for m in
-                                                        _metrics(resumed_run)[:2]]
+    assert [m["loss"] for m in run_metrics(tmp_path)] == [m["loss"] for m in
+                                                        run_metrics(resumed_run)[:2]]
 
 
 def test_resume_continues_from_last_checkpoint(resumed_run, tiny_model_toml, tiny_shapes):
     first = (resumed_run / "first_metrics.jsonl").read_text().splitlines()
-    lines = _metrics(resumed_run)
+    lines = run_metrics(resumed_run)
     assert (resumed_run / "metrics.jsonl").read_text().splitlines()[:2] == first  # appended, not rewritten
     assert [m["iter"] for m in lines] == [1, 2, 3, 4]
     assert read_checkpoint(resumed_run / "last.pt")["iteration"] == 4
@@ -121,7 +118,7 @@ def test_resume_continues_from_last_checkpoint(resumed_run, tiny_model_toml, tin
     # resuming a finished run is a no-op
     summary = train(_opts(tiny_model_toml, tiny_shapes, resumed_run, max_iters=4, resume=True))
     assert summary["iterations"] == 4
-    assert len(_metrics(resumed_run)) == 4
+    assert len(run_metrics(resumed_run)) == 4
 
 
 def test_resume_refuses_another_model(resumed_run, tiny_retina_toml, tiny_shapes):
@@ -143,9 +140,9 @@ def test_resume_at_epoch_boundary_matches_straight_run(tmp_path, tiny_model_toml
     train(_opts(tiny_model_toml, tiny_shapes, straight, batch_size=4, max_iters=4))
     train(_opts(tiny_model_toml, tiny_shapes, resumed, batch_size=4, max_iters=3))
     train(_opts(tiny_model_toml, tiny_shapes, resumed, batch_size=4, max_iters=4, resume=True))
-    assert [m["epoch"] for m in _metrics(resumed)] == [0, 0, 0, 1]
+    assert [m["epoch"] for m in run_metrics(resumed)] == [0, 0, 0, 1]
     assert _max_diff(_weights(straight / "final.pt"), _weights(resumed / "final.pt")) <= 1e-5
-    assert [m["loss"] for m in _metrics(straight)] == pytest.approx([m["loss"] for m in _metrics(resumed)],
+    assert [m["loss"] for m in run_metrics(straight)] == pytest.approx([m["loss"] for m in run_metrics(resumed)],
                                                                      abs=1e-6)
 
 
@@ -176,13 +173,13 @@ def _expected_lr(n: int) -> float:
 @pytest.fixture(scope="module")
 def schedule_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
     out = tmp_path_factory.mktemp("schedule")
-    train(_opts(tiny_model_toml, tiny_shapes, out, epochs=2, lr=BASE_LR, warmup_iters=WARMUP,
-                warmup_factor=WARMUP_FACTOR, grad_clip=1.0))
+    train(_opts(tiny_model_toml, tiny_shapes, out, epochs=2, max_iters=None, lr=BASE_LR, warmup_iters=WARMUP,
+                warmup_factor=WARMUP_FACTOR, grad_clip=1.0))  # the whole 2-epoch schedule
     return out
 
 
 def test_lr_warmup_then_step_decay(schedule_run):
-    lines = _metrics(schedule_run)
+    lines = run_metrics(schedule_run)
     assert [m["iter"] for m in lines] == list(range(1, 13))
     assert [m["epoch"] for m in lines] == [0] * 6 + [1] * 6
     lrs = [m["lr"] for m in lines]
@@ -198,7 +195,7 @@ def test_lr_warmup_then_step_decay(schedule_run):
 def test_max_iters_does_not_change_the_schedule(tmp_path, schedule_run, tiny_model_toml, tiny_shapes):
     train(_opts(tiny_model_toml, tiny_shapes, tmp_path, epochs=2, lr=BASE_LR, warmup_iters=WARMUP,
                 warmup_factor=WARMUP_FACTOR, grad_clip=1.0, max_iters=3))
-    assert [m["lr"] for m in _metrics(tmp_path)] == pytest.approx([m["lr"] for m in _metrics(schedule_run)][:3])
+    assert [m["lr"] for m in run_metrics(tmp_path)] == pytest.approx([m["lr"] for m in run_metrics(schedule_run)][:3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +268,7 @@ def test_cli_train_then_eval(tmp_path, tiny_shapes):
     assert r.exit_code == 0, r.output
     summary = _last_json(r.stdout)
     assert summary["iterations"] == 2 and Path(summary["final"]) == run / "final.pt"
-    assert [m["iter"] for m in _metrics(run)] == [1, 2]
+    assert [m["iter"] for m in run_metrics(run)] == [1, 2]
 
     model, pre, ck = load_trained(run / "final.pt", "r18q_fpn_cpu")  # load_trained round trip
     from defeat_cache.models.zoo import load_model_spec
