@@ -249,8 +249,18 @@ def inspect_cmd(cache, as_json, storage_option):
                f"({info['shards_done']}/{info['shards_total']} shards)  complete={m.get('complete')}")
     click.echo(f"size       {info['bytes_total'] / 1e6:.1f} MB total, {(info['bytes_per_item'] or 0) / 1e3:.1f} kB per item "
                f"({(info['feature_bytes_per_item'] or 0) / 1e3:.1f} kB features)")
+    kinds = info.get("bytes_per_item_by_kind")
+    if kinds:
+        click.echo("per item   " + ", ".join(f"{k.replace('_', ' ')} {v / 1e3:.1f} kB" for k, v in kinds.items()))
+    opts = m.get("layout", {}).get("codec_options")
+    if opts:
+        click.echo("codec      " + ", ".join(f"{k}={v}" for k, v in opts.items()))
     for name, a in info["arrays"].items():
-        click.echo(f"  {name:16s} {str(a['shape']):28s} {a['dtype']:8s} {(a['bytes_per_item'] or 0) / 1e3:9.1f} kB/item")
+        click.echo(f"  {name:18s} {str(a['shape']):28s} {a['dtype']:8s} {(a['bytes_per_item'] or 0) / 1e3:9.1f} kB/item")
+    for name, lv in info["levels"].items():
+        if "explained_energy" in lv:  # basis codecs: what the stored rank keeps of the teacher's energy
+            click.echo(f"  {name:18s} rank {lv['stored_channels']}/{lv['channels']}, "
+                       f"explained energy {100 * lv['explained_energy']:.1f}%")
 
 
 @main.command("verify")

@@ -61,7 +61,7 @@ def kd_fidelity(samples: list[dict], outs: list, decoded: list, strides: list[in
                 s = [x.clone().requires_grad_(True) for x in stud]
                 terms = neck_distill_loss(s, targets, masks, valids, 4.0, 16.0)
                 (terms["loss_neck_obj"] + terms["loss_neck_bg"]).backward()
-                grads.append((torch.cat([x.grad.flatten() for x in s]), {k: float(v) for k, v in terms.items()}))
+                grads.append((torch.cat([x.grad.flatten() for x in s]), {k: float(v.detach()) for k, v in terms.items()}))
             (g_ref, t_ref), (g_got, t_got) = grads
             for k in loss_err:
                 if t_ref[k] > 0:

@@ -252,3 +252,29 @@ def test_bad_compact_options_are_one_line_errors(tmp_path, tiny_model_toml, teac
                                    "--data", str(varied_shapes), "--out", str(tmp_path / "x.zarr"), *extra])
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_inspect_names_ranks_and_energy(caches):
+    res = CliRunner().invoke(cli, ["inspect", caches["compact"]])
+    assert res.exit_code == 0, res.output
+    assert "codec      step=2.0" in res.output and "explained energy" in res.output
+    assert "bases/features/" in res.output and "logits" in res.output and "side data" in res.output
+
+
+def test_sources_decode_on_the_device_or_hold_the_cache_in_memory_alike(caches, tiny_model_toml, varied_shapes):
+    """The training step's teacher outputs are the same whether the workers decode, the device
+    decodes (what CUDA training does) or the whole cache sits decoded in memory."""
+    from defeat_cache.data.dataset import load_dataset
+    from defeat_cache.distill.sources import CacheSource
+    from defeat_cache.models.zoo import load_model_spec
+    data, student = load_dataset(varied_shapes, "train"), load_model_spec(str(tiny_model_toml))
+    outs = []
+    for kw in ({}, {"decode_on_device": True}, {"in_memory": True}):
+        source = CacheSource(caches["compact"], data, student, **kw)
+        ds = source.dataset(data)
+        batch = [ds[(0, 0)], ds[(3, 1)], ds[(7, 0)]]
+        outs.append(source.outputs(batch, [s["image"] for s in batch]))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert all(torch.equal(x, y) for x, y in zip(a.features, b.features))
+            assert torch.equal(a.proposal_logits, b.proposal_logits) and torch.equal(a.gt_boxes, b.gt_boxes)
