@@ -21,13 +21,8 @@ def parse_codec(text: str) -> tuple[str, dict | None]:
 
 def fit_bench_bases(layout, outs: list, step: float) -> dict:
     """The bases extraction would fit: on `basis_sample` of these items' teacher outputs."""
-    from defeat_cache.cache.compact import BasisFitter
-    from defeat_cache.cache.extract import basis_sample
-    fitters = {name: BasisFitter(spec.channels) for name, spec in layout.all_levels}
-    for i in basis_sample(len(outs), 64):
-        for (name, _), f in zip(layout.all_levels, outs[i].features + (outs[i].backbone_features or [])):
-            fitters[name].add(f.cpu())
-    return {name: f.fit(step) for name, f in fitters.items()}
+    from defeat_cache.cache.extract import DEFAULT_BASIS_ITEMS, bases_of_outputs, basis_sample
+    return bases_of_outputs(layout, (outs[i] for i in basis_sample(len(outs), DEFAULT_BASIS_ITEMS)), step)
 
 
 def kd_fidelity(samples: list[dict], outs: list, decoded: list, strides: list[int], finest_scale: float,
@@ -203,14 +198,6 @@ def real_layout_codecs(template_cache: str, samples: list[dict], outs: list, cod
     return res
 
 
-def _fit_level(maps: list, step: float):
-    from defeat_cache.cache.compact import BasisFitter
-    fitter = BasisFitter(maps[0].shape[0])
-    for m in maps:
-        fitter.add(m)
-    return fitter.fit(step)
-
-
 def measure_codecs(features: list[list], codecs, repeats: int, level_names: list[str]) -> dict:
     """measure_codec per group of items that share level shapes, aggregated exactly:
     bytes and times are summed, relative L2 errors recombined from per-group norms."""
@@ -240,7 +227,8 @@ def measure_codecs(features: list[list], codecs, repeats: int, level_names: list
             # a basis codec: bases fitted once on all measured items, as extraction does
             bases = None
             if codec.needs_basis:
-                bases = [_fit_level([f[li] for f in features], codec.step) for li in range(len(levels))]
+                from defeat_cache.cache.compact import fit_basis
+                bases = [fit_basis([f[li] for f in features], codec.step) for li in range(len(levels))]
             r = measure_codec(name, levels, repeats=repeats, options=options, bases=bases)
             B = len(idx)
             group_raw = r["fp32_bytes_per_item"] * B

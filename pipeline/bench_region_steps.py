@@ -15,7 +15,6 @@ usage: python pipeline/bench_region_steps.py CACHE DATA.toml [--fit 48] [--items
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path

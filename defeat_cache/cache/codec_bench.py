@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from .codecs import get_codec, small_array_compressors, stored_to_torch
-from .compact import BasisFitter
+from .compact import fit_basis
 from .layout import LevelSpec
 from .storage import configure_zarr_threads
 
@@ -39,12 +39,7 @@ def measure_codec(codec_name: str, features: list[np.ndarray], repeats: int = 3,
     if any(f.shape[0] != B for f in feats):
         raise ValueError("every level needs the same number of items")
     if codec.needs_basis and bases is None:
-        bases = []
-        for f in feats:
-            fitter = BasisFitter(f.shape[1])
-            for x in f:
-                fitter.add(torch.from_numpy(x))
-            bases.append(fitter.fit(codec.step))
+        bases = [fit_basis(list(f), codec.step) for f in feats]
     bases = bases if codec.needs_basis else [None] * len(feats)
     specs = [LevelSpec(f"l{i}", f.shape[1], f.shape[2], f.shape[3], b.rank if b is not None else 0)
              for i, (f, b) in enumerate(zip(feats, bases))]

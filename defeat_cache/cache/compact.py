@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_STEP", "LevelBasis", "BasisFitter", "encode_level", "decode_level"]
+__all__ = ["DEFAULT_STEP", "LevelBasis", "BasisFitter", "fit_basis", "encode_level", "decode_level"]
 
 #: quantisation step in units of the (item, level) rms: 2.0 measured ~28x smaller than fp16 on the
 #: quickstart teacher (docs/benchmarks.md, "Compact caches")
@@ -99,6 +99,15 @@ class BasisFitter:
             # keep every component (still quantised with the common step)
             rank = self.channels
         return LevelBasis(mean.float(), vec.T[:rank].float().contiguous(), var.float())
+
+
+def fit_basis(maps, step: float) -> LevelBasis:
+    """The basis of one level over several [C, h, w] feature maps (tensors or arrays)."""
+    maps = [torch.as_tensor(m) for m in maps]
+    fitter = BasisFitter(maps[0].shape[0])
+    for m in maps:
+        fitter.add(m)
+    return fitter.fit(step)
 
 
 def encode_level(x: torch.Tensor, basis: LevelBasis, step: float) -> tuple[torch.Tensor, torch.Tensor]:

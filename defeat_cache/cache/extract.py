@@ -15,6 +15,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .layout import CacheLayout, LevelSpec
 from .writer import CacheWriter
 
 DEFAULT_CODEC = "fp16"
+DEFAULT_BASIS_ITEMS = 64  # compact codec: items the bases are fitted on (a fixed cost per cache)
 SHARD_TARGET_BYTES = 128 << 20  # decoded feature bytes per shard: big files, bounded writer memory
 
 
@@ -59,7 +61,7 @@ class ExtractOptions:
     progress: bool = True
     storage_options: dict | None = None  # fsspec options for a URL `out` (s3://...); never stored
     compact_step: float | None = None  # compact codec: quantisation step / item rms (None: its default)
-    basis_items: int = 64  # compact codec: items the per-level bases are fitted on
+    basis_items: int = DEFAULT_BASIS_ITEMS  # compact codec: items the per-level bases are fitted on
 
 
 def codec_options(codec: str, compact_step: float | None) -> dict:
@@ -128,20 +130,28 @@ def basis_sample(num_items: int, n: int) -> list[int]:
     return sorted(random.Random(BASIS_SEED).sample(range(num_items), min(n, num_items)))
 
 
+def bases_of_outputs(layout: CacheLayout, outputs: Iterable[TeacherOutput], step: float) -> dict[str, LevelBasis]:
+    """Per level array of `layout`, the compact basis of these teacher outputs' features."""
+    fitters = {name: BasisFitter(spec.channels) for name, spec in layout.all_levels}
+    for o in outputs:
+        for (name, _), f in zip(layout.all_levels, o.features + (o.backbone_features or [])):
+            fitters[name].add(f)
+    return {name: f.fit(step) for name, f in fitters.items()}
+
+
 def fit_bases(teacher, dataset: Dataset, layout: CacheLayout, step: float, items: list[int], opts: ExtractOptions,
               device: torch.device, batch_size: int = 8) -> dict[str, LevelBasis]:
     """Per level array, the basis of the teacher's own features over `items` (compact.py)."""
-    fitters = {name: BasisFitter(spec.channels) for name, spec in layout.all_levels}
     use_amp = opts.amp and device.type == "cuda"
-    for k in range(0, len(items), batch_size):
-        batch = check_batch([dataset[i] for i in items[k:k + batch_size]])
-        with torch.autocast(device.type, enabled=use_amp):
-            outs = teacher_outputs(teacher, [s["image"].to(device) for s in batch], [s["boxes"] for s in batch],
-                                   opts.proposals, opts.pre_nms_top_n, opts.backbone)
-        for o in outs:
-            for (name, _), f in zip(layout.all_levels, o.features + (o.backbone_features or [])):
-                fitters[name].add(f)
-    bases = {name: f.fit(step) for name, f in fitters.items()}
+
+    def outputs():  # batch by batch: only one batch of outputs in memory
+        for k in range(0, len(items), batch_size):
+            batch = check_batch([dataset[i] for i in items[k:k + batch_size]])
+            with torch.autocast(device.type, enabled=use_amp):
+                yield from teacher_outputs(teacher, [s["image"].to(device) for s in batch], [s["boxes"] for s in batch],
+                                           opts.proposals, opts.pre_nms_top_n, opts.backbone)
+
+    bases = bases_of_outputs(layout, outputs(), step)
     log("compact bases (rank kept / channels, explained energy): " + ", ".join(
         f"{name.split('/')[-1]} {b.rank}/{b.channels} {b.explained():.1%}" for name, b in bases.items()))
     return bases

@@ -9,7 +9,6 @@ import datetime as _dt
 import json
 from typing import Any
 
-from .codecs import get_codec
 from .layout import SCHEMA_VERSION, CacheLayout, meta_columns
 
 __all__ = ["MANIFEST_KEY", "COMPARED_KEYS", "comparable_part", "new_manifest", "mismatch_message", "now"]

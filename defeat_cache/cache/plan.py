@@ -26,8 +26,8 @@ from ..models.teacher import teacher_outputs
 from ..models.zoo import load_model_spec
 from ..views import ViewSet
 from .codecs import CODECS, get_codec
-from .compact import BasisFitter
-from .extract import ExtractOptions, _prepare_teacher, basis_sample, codec_options, plan_layout, provenance
+from .extract import (DEFAULT_BASIS_ITEMS, ExtractOptions, _prepare_teacher, bases_of_outputs, basis_sample, cache_record,
+                      codec_options, plan_layout, provenance)
 from .reader import TeacherCache
 from .storage import is_url
 from .writer import CacheWriter
@@ -102,7 +102,6 @@ def plan_cache(opts: PlanOptions) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     teacher_s = (time.perf_counter() - t0) / len(samples)
-    from .extract import cache_record
     records = [cache_record(s, o) for s, o in zip(samples, outs)]
 
     n_items = n_img * len(views)
@@ -124,13 +123,9 @@ def plan_cache(opts: PlanOptions) -> dict:
             path = Path(tmp) / f"{name}.zarr"
             t_fit = time.perf_counter()
 
-            def fit(layout=layout, codec=get_codec(name, options)):
-                fitters = {n: BasisFitter(s.channels) for n, s in layout.all_levels}
-                for i in basis_sample(len(records), 64):
-                    r = records[i]
-                    for (n, _), f in zip(layout.all_levels, r.features + (r.backbone_features or [])):
-                        fitters[n].add(f)
-                return {n: f.fit(codec.step) for n, f in fitters.items()}
+            def fit(layout=layout, codec=get_codec(name, options)):  # the items extraction would fit on
+                sample = basis_sample(len(records), DEFAULT_BASIS_ITEMS)
+                return bases_of_outputs(layout, (records[i] for i in sample), codec.step)
 
             writer = CacheWriter.create_or_resume(str(path), prov, layout, create=True,
                                                   fit_bases=fit if get_codec(name).needs_basis else None)

@@ -15,7 +15,7 @@ import torch
 
 from ..models.teacher import TeacherOutput
 from . import storage
-from .codecs import FeatureCodec, get_codec, stored_to_torch
+from .codecs import FeatureCodec, stored_to_torch
 from .errors import CacheError, CacheMismatchError, IncompleteCacheError, NotACacheError
 from .inspection import inspect_cache
 from .compact import LevelBasis
@@ -23,7 +23,12 @@ from .layout import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, CacheLayout, ItemM
 from .manifest import MANIFEST_KEY
 from .verify import VerifyReport, verify_cache
 
-__all__ = ["TeacherCache", "EncodedItem"]
+__all__ = ["TeacherCache", "EncodedItem", "read_bases"]
+
+
+def read_bases(group, layout: CacheLayout) -> dict[str, LevelBasis]:
+    """Level array name -> its basis, for basis codecs (else empty)."""
+    return {name[len("bases/"):]: LevelBasis.from_array(np.asarray(group[name][:])) for name in layout.basis_names()}
 
 
 @dataclass
@@ -67,9 +72,8 @@ class TeacherCache:
         self._level_names = [n for n, _ in self.layout.all_levels]
         self._nf = len(self.layout.feature_levels)
         # the bases are small (a few C x C floats per level): read once, kept with the reader
-        self.bases: list[LevelBasis | None] = [
-            LevelBasis.from_array(np.asarray(group[f"bases/{n}"][:])) if self.codec.needs_basis else None
-            for n in self._level_names]
+        by_name = read_bases(group, self.layout)
+        self.bases: list[LevelBasis | None] = [by_name.get(n) for n in self._level_names]
         self._device_bases: dict = {}
         offs = np.cumsum([0] + [s.stored for _, s in self.layout.all_levels])
         self._chan_slices = [slice(int(a), int(b)) for a, b in zip(offs[:-1], offs[1:])]

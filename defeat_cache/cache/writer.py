@@ -22,6 +22,7 @@ from .compact import LevelBasis
 from .errors import CacheError, CacheMismatchError, NonFiniteError, NotACacheError
 from .layout import CacheLayout, ItemMeta, meta_columns
 from .manifest import MANIFEST_KEY, comparable_part, mismatch_message, new_manifest, now
+from .reader import read_bases
 
 __all__ = ["CacheWriter"]
 
@@ -62,11 +63,6 @@ def _create_arrays(group, layout: CacheLayout, bases: dict | None = None) -> Non
                        compressors=small_array_compressors(), fill_value=0)
     group.create_array("shard_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
                        compressors=[Crc32cCodec()], fill_value=False)
-
-
-def read_bases(group, layout: CacheLayout) -> dict[str, LevelBasis]:
-    """Level array name -> its basis, for basis codecs (else empty)."""
-    return {name[len("bases/"):]: LevelBasis.from_array(np.asarray(group[name][:])) for name in layout.basis_names()}
 
 
 def _to_numpy(x, what: str) -> np.ndarray:
