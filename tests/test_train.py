@@ -218,7 +218,7 @@ def test_load_trained_rejects_foreign_files(tmp_path, tiny_model_toml):
 def test_evaluate_tiny_model(straight_run, tiny_model_toml, tiny_shapes):
     spec = load_model_spec(str(tiny_model_toml))
     model = build_detector(spec, 9)
-    assert load_weights(model, straight_run / "final.pt") == "detector"
+    assert load_weights(model, straight_run / "final.pt").part == "detector"
     val = load_dataset(tiny_shapes, "val")
     metrics = evaluate(model, val, spec.preprocessing, torch.device("cpu"), batch_size=4, workers=0)
     assert set(COCO_METRIC_NAMES) <= set(metrics) and "eval_seconds" in metrics

@@ -228,9 +228,11 @@ class _ShardWriterThread:
         self.check()
 
 
-def _prepare_teacher(spec: ModelSpec, checkpoint: str, num_classes: int, device: torch.device):
-    teacher = build_detector(spec, num_classes)
-    load_weights(teacher, checkpoint, backbone_only=False)
+def _prepare_teacher(spec: ModelSpec, checkpoint: str, data: DetectionData, device: torch.device):
+    """The frozen teacher; its checkpoint's heads must predict the dataset's classes (models/class_map.py)."""
+    teacher = build_detector(spec, data.num_classes)
+    loaded = load_weights(teacher, checkpoint, backbone_only=False, classes=data)
+    log(f"teacher {spec.name}: {loaded} from {checkpoint}")
     return teacher.eval().to(device).requires_grad_(False)
 
 
@@ -259,7 +261,7 @@ def extract(opts: ExtractOptions) -> dict:
 
     def get_teacher():
         if not built:
-            built.append(_prepare_teacher(spec, opts.checkpoint, data.num_classes, device))
+            built.append(_prepare_teacher(spec, opts.checkpoint, data, device))
         return built[0]
 
     # Rank 0 creates (or checks) the store, fitting the bases first if the codec needs them;

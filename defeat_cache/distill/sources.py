@@ -143,7 +143,8 @@ class OnlineSource:
             raise UserError(f"teacher {spec.name} and student {student.name} preprocess differently: "
                             + "; ".join(d.replace("cache", "teacher") for d in diff))
         teacher = build_detector(spec, data.num_classes)
-        load_weights(teacher, checkpoint, backbone_only=False)
+        log(f"teacher {spec.name}: {load_weights(teacher, checkpoint, backbone_only=False, classes=data)} "
+            f"from {checkpoint}")
         # A plain attribute on a non-Module: the teacher stays out of the student's
         # parameters, state dict and DDP.
         self.teacher = teacher.eval().to(device).requires_grad_(False)

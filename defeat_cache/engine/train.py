@@ -86,7 +86,7 @@ def train(opts: TrainOptions) -> dict:
 
     # The initial weights depend on the seed alone: student first, then (online) the teacher, then the adapters.
     _set_seed(opts.seed)
-    model = _build_student(opts, spec, data.num_classes)
+    model = _build_student(opts, spec, data)
     source = _build_teacher_source(opts, spec, data, device)  # None: plain training
     distiller = build_distiller(opts.distill, spec, source.facts) if source is not None else None
     pre, views, dataset = _training_data(opts, spec, data, source)
@@ -150,10 +150,11 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_student(opts: TrainOptions, spec: ModelSpec, num_classes: int) -> nn.Module:
-    model = build_detector(spec, num_classes)
-    if opts.init_weights:
-        log(f"initialised {load_weights(model, opts.init_weights)} weights from {opts.init_weights}")
+def _build_student(opts: TrainOptions, spec: ModelSpec, data: DetectionData) -> nn.Module:
+    model = build_detector(spec, data.num_classes)
+    if opts.init_weights:  # fine-tuning: heads of other classes are skipped, and said so
+        loaded = load_weights(model, opts.init_weights, classes=data, class_heads="skip")
+        log(f"initialised {loaded} from {opts.init_weights}")
     return model
 
 

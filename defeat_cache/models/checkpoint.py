@@ -1,4 +1,6 @@
-"""Checkpoint files: load torchvision-format weights, write them atomically, and the trained-model format.
+"""Checkpoint files: read any supported format (`read_weights`), load it into a detector
+(`load_weights`, fitting class heads through models/class_map.py), write atomically, and the
+trained-model format.
 
 A trained model's checkpoint (`final.pt`; `last.pt` adds the training state) is written from
 `trained_model_payload` and read back by `load_trained`: the one place that knows its keys.
@@ -6,8 +8,12 @@ A trained model's checkpoint (`final.pt`; `last.pt` adds the training state) is 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +22,7 @@ from torch import nn
 from .. import __version__
 from ..errors import UserError
 from ..views import Preprocessing
+from .class_map import drop_class_heads, fit_class_heads, refuse_teacher_classes
 from .zoo import ModelSpec, build_detector, spec_dict
 
 
@@ -28,23 +35,94 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """The object in a checkpoint file, loaded with `weights_only=True`.
+
+    torchvision's reference scripts store their command line as an `argparse.Namespace`
+    (`args`); that one class is allowed through weights_only's safe globals, nothing else.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise UserError(f"{path}: holds a Python object of type {found.group(1)}, which loading with "
+                            "weights_only refuses; save the weights alone (torch.save(model.state_dict(), ...)) "
+                            "or a dict of them") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {text[:200]})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a state dict or a defeat-cache checkpoint, got {type(obj).__name__}")
     return obj
 
 
-def _state_dict_of(obj: dict) -> dict:
-    for key in ("model_state", "state_dict", "model"):  # ours, lightning/mmdet-style, torchvision refs
-        if isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
+@dataclass
+class CheckpointWeights:
+    """A checkpoint's detector (or ImageNet backbone) weights, whatever file format held them."""
+
+    state: dict  # torchvision-format state dict, DDP's `module.` prefix removed
+    source: str  # what the file was, for messages: "torchvision references checkpoint (epoch 25)"
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) \
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _ours(obj: dict) -> CheckpointWeights | None:
+    """Our training checkpoints (`final.pt`, `last.pt`: `trained_model_payload`)."""
+    if isinstance(obj.get("model_state"), dict):
+        name = obj.get("model", {}).get("name", "?") if isinstance(obj.get("model"), dict) else "?"
+        return CheckpointWeights(obj["model_state"], f"defeat-cache training checkpoint ({name}, "
+                                                     f"iteration {obj.get('iteration', '?')})")
+    return None
+
+
+def _torchvision_references(obj: dict) -> CheckpointWeights | None:
+    """torchvision's references/detection train.py: {'model', 'optimizer', 'lr_scheduler', 'args', 'epoch'}."""
+    if _is_state_dict(obj.get("model")) and ("args" in obj or "optimizer" in obj):
+        args = obj.get("args")
+        arch = f", {args.model}" if isinstance(args, argparse.Namespace) and hasattr(args, "model") else ""
+        return CheckpointWeights(obj["model"], f"torchvision references checkpoint (epoch {obj.get('epoch', '?')}{arch})")
+    return None
+
+
+def _wrapper(key: str):
+    def recognise(obj: dict) -> CheckpointWeights | None:
+        if _is_state_dict(obj.get(key)):
+            return CheckpointWeights(obj[key], f"state dict in a {{'{key}': ...}} wrapper")
+        return None
+    recognise.__name__ = f"_{key}_wrapper"
+    return recognise
+
+
+def _plain(obj: dict) -> CheckpointWeights | None:
+    return CheckpointWeights(obj, "plain state dict") if _is_state_dict(obj) else None
+
+
+#: The checkpoint formats, tried in order; the first that recognises the loaded object wins.
+#: A recogniser takes the loaded dict and returns CheckpointWeights or None. Converters of
+#: other libraries' checkpoints (their own key names) go before the generic wrappers.
+RECOGNISERS: list[Callable[[dict], CheckpointWeights | None]] = [
+    _ours, _torchvision_references, _wrapper("state_dict"), _wrapper("model"), _plain]
+
+
+def read_weights(path: str | Path) -> CheckpointWeights:
+    """The one entry point for reading weights: any supported checkpoint file -> a state dict and what it was."""
+    obj = read_checkpoint(path)
+    for recognise in RECOGNISERS:
+        found = recognise(obj)
+        if found is not None:
+            if any(k.startswith("module.") for k in found.state):  # saved from DDP
+                found = CheckpointWeights({k.removeprefix("module."): v for k, v in found.state.items()},
+                                          found.source + ", saved from DDP")
+            return found
+    raise UserError(f"{path}: no state dict found (top-level keys: {_summarise([str(k) for k in obj], 6)}); "
+                    "expected a state dict, a {'model': ...} or {'state_dict': ...} wrapper, a torchvision "
+                    "references checkpoint or a defeat-cache checkpoint")
 
 
 def _summarise(keys: list[str], n: int = 4) -> str:
@@ -52,22 +130,58 @@ def _summarise(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None = None) -> str:
-    """Loads a full-detector state dict, or ImageNet ResNet weights into the backbone body.
+@dataclass
+class LoadedWeights:
+    """What `load_weights` loaded: `part` is "detector" or "backbone"; `notes` are for the log."""
 
-    `backbone_only=None` decides from the keys: a torchvision ImageNet ResNet has `conv1.`,
-    `layer1.` ... and `fc.`; a detector has `backbone.`. Returns what was loaded. Any key or
-    shape mismatch is a one-line UserError naming the keys, never a silent partial load.
+    part: str
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.part} weights ({self.source})" + "".join(f"; {n}" for n in self.notes)
+
+
+def _imagenet_to_body(state: dict) -> dict:
+    """An ImageNet classifier's state dict -> the detector body's keys (its classifier dropped)."""
+    if any(k.startswith("features.") for k in state):  # torchvision MobileNetV3: the body is `features`
+        return {f"backbone.body.{k.removeprefix('features.')}": v for k, v in state.items()
+                if k.startswith("features.")}
+    return {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None = None, classes=None,
+                 class_heads: str = "require") -> LoadedWeights:
+    """Loads a full-detector checkpoint (any `read_weights` format), or ImageNet weights into the backbone body.
+
+    `backbone_only=None` decides from the keys: an ImageNet ResNet has `conv1.`, `layer1.` ...
+    and `fc.` (a MobileNetV3 `features.` and `classifier.`); a detector has `backbone.`.
+    `classes` (a DetectionData or anything with `class_names` and `category_ids`) lets a
+    91-slot COCO head map onto a COCO-category dataset (models/class_map.py). When the heads
+    still do not fit, `class_heads="skip"` (fine-tuning) loads everything else and says which
+    heads it skipped; `"require"` (a teacher) refuses with the reason. Any other key or shape
+    mismatch is a one-line UserError naming the keys, never a silent partial load.
     """
-    state = _state_dict_of(read_checkpoint(path))
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    weights = read_weights(path)
+    state, notes = weights.state, []
     if backbone_only is None:
         backbone_only = not any(k.startswith("backbone.") for k in state)
     if backbone_only:
-        state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+        state = _imagenet_to_body(state)
         target = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.body.")}
     else:
         target = model.state_dict()
+        if classes is not None:
+            fit = fit_class_heads(state, model, list(classes.class_names), list(classes.category_ids))
+            state = fit.state
+            notes += [fit.note] if fit.note else []
+            if fit.mismatch and class_heads == "require":
+                raise refuse_teacher_classes(path, fit.mismatch)
+            if fit.mismatch:
+                state, skipped = drop_class_heads(state, model)
+                target = {k: v for k, v in target.items() if not k.startswith(tuple(f"{p}." for p in skipped))}
+                notes.append(f"skipped the class-dependent heads {', '.join(skipped)} ({fit.mismatch}); "
+                             "they start from their initialisation")
     # torchvision's BatchNorm state has num_batches_tracked counters that FrozenBatchNorm2d
     # lacks (and the reverse): counters carry no weights, so they never decide a mismatch.
     counter = "num_batches_tracked"
@@ -85,9 +199,9 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches: {_summarise(shapes, 2)}")
         kind = "ImageNet backbone" if backbone_only else "detector"
-        raise UserError(f"{path}: does not fit this model as {kind} weights; " + "; ".join(parts))
+        raise UserError(f"{path}: does not fit this model as {kind} weights ({weights.source}); " + "; ".join(parts))
     model.load_state_dict(state, strict=False)  # completeness was checked above
-    return "backbone" if backbone_only else "detector"
+    return LoadedWeights("backbone" if backbone_only else "detector", weights.source, notes)
 
 
 def save_checkpoint(path: str | Path, **payload) -> None:
@@ -122,5 +236,5 @@ def load_trained(checkpoint: str | Path, model_name: str | None = None, device: 
                     "use --init-weights to start training from foreign weights")
 
 
-__all__ = ["file_sha256", "load_trained", "load_weights", "read_checkpoint", "save_checkpoint",
-           "trained_model_payload"]
+__all__ = ["RECOGNISERS", "CheckpointWeights", "LoadedWeights", "file_sha256", "load_trained", "load_weights",
+           "read_checkpoint", "read_weights", "save_checkpoint", "trained_model_payload"]

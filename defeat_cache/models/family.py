@@ -43,7 +43,7 @@ class Family:
 
     name: str  # as in a model TOML's `family`, a cache's provenance and a checkpoint
     title: str  # for messages
-    fpn_levels: tuple[Level, ...]  # finest first, the order torchvision's heads use
+    fpn_levels: tuple[Level, ...]  # on a ResNet (`pyramid` for other backbones); finest first, as torchvision's heads
     backbone_stages: tuple[Level, ...]  # the ResNet stages the body returns to the FPN
     has_roi_head: bool
 
@@ -62,9 +62,28 @@ FAMILIES = {
 }
 
 
+# torchvision's MobileNetV3-Large FPN (backbone_utils._mobilenet_extractor, FPN on the last two
+# stages): the output of features[13], the first stride-32 block (160 channels), and of
+# features[16], the last 1x1 conv (960 channels), then P6 by max-pooling. Both body stages are
+# at stride 32, so its FPN has two stride-32 levels; "c5"/"p5" is the last stage, as in a ResNet.
+MOBILENET_V3_STAGES = (Level("c5a", 32), Level("c5", 32))
+MOBILENET_V3_FPN_LEVELS = (Level("p5a", 32), Level("p5", 32), Level("p6", 64))
+
+# [backbone] kind of a model TOML -> the families it is built for
+BACKBONE_KINDS = {"resnet": ("faster_rcnn", "retinanet"), "mobilenet_v3_large": ("faster_rcnn",)}
+
+
+def pyramid(family: Family, backbone_kind: str = "resnet") -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+    """(FPN levels, body stages) of a family on a backbone kind, finest first."""
+    if backbone_kind == "mobilenet_v3_large":
+        return MOBILENET_V3_FPN_LEVELS, MOBILENET_V3_STAGES
+    return family.fpn_levels, family.backbone_stages
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of a detector built by models/zoo.py."""
     return FAMILIES["retinanet" if is_retinanet(model) else "faster_rcnn"]
 
 
-__all__ = ["CACHED_BACKBONE_STAGES", "FAMILIES", "Family", "Level", "RESNET_LAYERS", "RESNET_STAGES", "family_of"]
+__all__ = ["BACKBONE_KINDS", "CACHED_BACKBONE_STAGES", "FAMILIES", "Family", "Level", "MOBILENET_V3_FPN_LEVELS",
+           "MOBILENET_V3_STAGES", "RESNET_LAYERS", "RESNET_STAGES", "family_of", "pyramid"]

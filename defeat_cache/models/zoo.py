@@ -7,12 +7,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from functools import partial
+
 from torch import nn
-from torchvision.models import resnet
+from torchvision.models import mobilenet_v3_large, resnet
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
@@ -22,7 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from ..data.dataset import read_toml
 from ..data.records import DataError
 from ..views import Preprocessing
-from .family import FAMILIES, RESNET_LAYERS, RESNET_STAGES, Family
+from .family import BACKBONE_KINDS, CACHED_BACKBONE_STAGES, FAMILIES, RESNET_LAYERS, RESNET_STAGES, Family, pyramid
 from .sampling import install_item_seeded_samplers
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -85,6 +87,29 @@ class FeatureMap:
     channels: int
 
 
+# torchvision's MobileNetV3-Large: output channels of features[13] and features[16]
+_MOBILENET_V3_CHANNELS = {"c5a": 160, "c5": 960}
+_NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+
+
+def _norm_layer(section: dict, key: str, default: str, where: str):
+    """A norm option of a model TOML: "frozen_bn" | "bn" (and "none" where allowed: default "none")."""
+    value = section.get(key, default)
+    if value == "none" and default == "none":
+        return None
+    if value not in _NORMS:
+        choices = sorted(_NORMS) + (["none"] if default == "none" else [])
+        raise DataError(f"{where}.{key} = {value!r}: choose one of {', '.join(choices)}")
+    return _NORMS[value]
+
+
+def _stage_channels(backbone: dict) -> dict[str, int]:
+    """The body's output channels per stage name."""
+    if backbone.get("kind", "resnet") == "mobilenet_v3_large":
+        return dict(_MOBILENET_V3_CHANNELS)
+    return _resnet_stage_channels(backbone)
+
+
 def _resnet_stage_channels(backbone: dict) -> dict[str, int]:
     """C2..C5 output channels: 64..512 times the block expansion, divided by `width_divisor`."""
     expansion = 1 if int(backbone["depth"]) < 50 else 4
@@ -108,24 +133,35 @@ class ModelSpec:
         return self.family_record.has_roi_head
 
     @property
+    def backbone_kind(self) -> str:
+        """[backbone] kind: "resnet" (default) or "mobilenet_v3_large" (models.family.BACKBONE_KINDS)."""
+        return self.config["backbone"].get("kind", "resnet")
+
+    @property
     def fpn_channels(self) -> int:
         return int(self.config["backbone"].get("fpn_channels", 256))
 
     @property
     def fpn_levels(self) -> tuple[FeatureMap, ...]:
-        """P2-P6 (Faster R-CNN) or P3-P7 (RetinaNet), finest first."""
-        return tuple(FeatureMap(lv.name, lv.stride, self.fpn_channels) for lv in self.family_record.fpn_levels)
+        """P2-P6 (Faster R-CNN) or P3-P7 (RetinaNet) on a ResNet, P5a-P6 on a MobileNetV3; finest first."""
+        levels, _ = pyramid(self.family_record, self.backbone_kind)
+        return tuple(FeatureMap(lv.name, lv.stride, self.fpn_channels) for lv in levels)
 
     @property
     def backbone_stages(self) -> tuple[FeatureMap, ...]:
-        """The stages the body returns to the FPN (C2-C5 for Faster R-CNN, C3-C5 for RetinaNet)."""
-        channels = _resnet_stage_channels(self.config["backbone"])
-        return tuple(FeatureMap(s.name, s.stride, channels[s.name]) for s in self.family_record.backbone_stages)
+        """The stages the body returns to the FPN (C2-C5 for Faster R-CNN, C3-C5 for RetinaNet on a ResNet)."""
+        channels = _stage_channels(self.config["backbone"])
+        _, stages = pyramid(self.family_record, self.backbone_kind)
+        return tuple(FeatureMap(s.name, s.stride, channels[s.name]) for s in stages)
 
     @property
     def cached_backbone_stages(self) -> tuple[FeatureMap, ...]:
-        """The stages a cache stores with --backbone (models.family.CACHED_BACKBONE_STAGES)."""
+        """The stages a cache stores with --backbone (models.family.CACHED_BACKBONE_STAGES);
+        empty for a backbone that lacks some of them (a MobileNetV3 has no C3, C4 outputs)."""
         stages = self.backbone_stages
+        names = [s.name for s in stages]
+        if not all(n in names for n in CACHED_BACKBONE_STAGES):
+            return ()
         return tuple(stages[i] for i in self.family_record.cached_stage_indices)
 
     @property
@@ -156,19 +192,35 @@ def load_model_spec(name: str) -> ModelSpec:
     if family not in FAMILIES:
         choices = " or ".join(f'"{name}"' for name in FAMILIES)
         raise DataError(f"{path}: family must be {choices}, got {family!r}")
+    kind = cfg.get("backbone", {}).get("kind", "resnet")
+    if kind not in BACKBONE_KINDS or family not in BACKBONE_KINDS[kind]:
+        known = ", ".join(f"{k} ({' or '.join(f)})" for k, f in BACKBONE_KINDS.items())
+        raise DataError(f"{path}: backbone.kind = {kind!r} is not available for family {family!r}; known: {known}")
     pre = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("input", {}).items()})
     return ModelSpec(name=path.stem, family=family, config=cfg, preprocessing=pre)
 
 
+def _mobilenet_backbone(spec: ModelSpec):
+    """torchvision's own MobileNetV3-Large FPN extractor, as fasterrcnn_mobilenet_v3_large_fpn builds it."""
+    bb = spec.config["backbone"]
+    if spec.fpn_channels != 256:  # torchvision's extractor makes 256 channels
+        raise DataError(f"model {spec.name}: a mobilenet_v3_large backbone has fpn_channels = 256, "
+                        f"got {spec.fpn_channels}")
+    norm = _norm_layer(bb, "norm", "frozen_bn", "backbone")
+    return _mobilenet_extractor(mobilenet_v3_large(norm_layer=norm), True, int(bb.get("trainable_layers", 3)))
+
+
 def _backbone(spec: ModelSpec):
     bb = spec.config["backbone"]
+    if spec.backbone_kind == "mobilenet_v3_large":
+        return _mobilenet_backbone(spec)
     depth = int(bb["depth"])
     if depth not in _BLOCKS:
         raise DataError(f"model {spec.name}: backbone.depth must be one of {sorted(_BLOCKS)}")
     block, layers = _BLOCKS[depth]
-    # "bn": BatchNorm trained with the detector (training from scratch, as on CPU here);
-    # "frozen_bn": the usual setting with ImageNet-initialised backbones.
-    norm = FrozenBatchNorm2d if bb.get("norm", "frozen_bn") == "frozen_bn" else nn.BatchNorm2d
+    # "bn": BatchNorm trained with the detector (training from scratch, as on CPU here, and
+    # torchvision's v2 builders); "frozen_bn": the usual setting with ImageNet-initialised backbones.
+    norm = _norm_layer(bb, "norm", "frozen_bn", "backbone")
     body = NarrowResNet(block, layers, int(bb.get("width_divisor", 1)), norm_layer=norm)
     trainable = int(bb.get("trainable_layers", 5))
     # Freeze as torchvision's _resnet_fpn_extractor does, but build the FPN ourselves: that
@@ -178,11 +230,21 @@ def _backbone(spec: ModelSpec):
         if not any(pname.startswith(t) for t in train_prefixes):
             param.requires_grad_(False)
     fpn_ch = spec.fpn_channels
-    # the levels above C5 (models/family.py): P6 by max-pool, or P6 and P7 by convolutions on P5
-    extra = LastLevelMaxPool() if spec.family == "faster_rcnn" else LastLevelP6P7(fpn_ch, fpn_ch)
     stages = spec.backbone_stages
+    # the levels above C5 (models/family.py): P6 by max-pool, or P6 and P7 by convolutions on
+    # P5 (torchvision's v1 RetinaNet) or on C5 (`p6_from = "c5"`: its v2 RetinaNet)
+    if spec.family == "faster_rcnn":
+        extra = LastLevelMaxPool()
+    else:
+        p6_from = bb.get("p6_from", "p5")
+        if p6_from not in ("p5", "c5"):
+            raise DataError(f"model {spec.name}: backbone.p6_from = {p6_from!r}: choose \"p5\" or \"c5\"")
+        extra = LastLevelP6P7(stages[-1].channels if p6_from == "c5" else fpn_ch, fpn_ch)
+        extra.use_P5 = p6_from == "p5"  # torchvision infers it from equal channels; say it
     return_layers = {RESNET_LAYERS[s.name]: str(i) for i, s in enumerate(stages)}
-    backbone = BackboneWithFPN(body, return_layers, [s.channels for s in stages], fpn_ch, extra_blocks=extra)
+    fpn_norm = _norm_layer(bb, "fpn_norm", "none", "backbone")  # BatchNorm after each FPN conv (v2 Faster R-CNN)
+    backbone = BackboneWithFPN(body, return_layers, [s.channels for s in stages], fpn_ch, extra_blocks=extra,
+                               norm_layer=fpn_norm)
     return backbone
 
 
@@ -196,11 +258,27 @@ def _fix_roi_pool_scales(pool: MultiScaleRoIAlign, spec: ModelSpec) -> None:
     RoI is pooled from the wrong place: a model's outputs then depend on which batch it saw
     first (the rank split, where a resumed extraction starts). The strides are known here.
     """
-    by_name = {str(i): lv.stride for i, lv in enumerate(spec.fpn_levels)}  # BackboneWithFPN names "0".."3"
-    strides = [by_name[n] for n in pool.featmap_names]
+    # BackboneWithFPN names the levels of the body's stages "0", "1", ... (the extra ones "pool",
+    # "p6", "p7"); RoIAlign pools from those of its featmap_names that exist, as torchvision filters them.
+    by_name = {str(i): lv.stride for i, lv in enumerate(spec.fpn_levels[:len(spec.backbone_stages)])}
+    strides = [by_name[n] for n in pool.featmap_names if n in by_name]
     pool.scales = [1.0 / s for s in strides]
     pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
                                       canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+
+
+def _box_head(spec: ModelSpec) -> tuple[nn.Module, int]:
+    """(box head, its output size): two FC layers (v1), or `[box_head]` convs then FCs (v2)."""
+    cfg = spec.config
+    if "box_head" not in cfg:
+        rep = int(cfg.get("roi", {}).get("representation_size", 1024))
+        return TwoMLPHead(spec.fpn_channels * 7 * 7, rep), rep
+    bh = cfg["box_head"]
+    convs, fcs = [int(c) for c in bh.get("convs", [])], [int(f) for f in bh.get("fcs", [1024])]
+    if not fcs:
+        raise DataError(f"model {spec.name}: box_head.fcs needs at least one layer")
+    norm = _norm_layer(bh, "norm", "none", "box_head")
+    return FastRCNNConvFCHead((spec.fpn_channels, 7, 7), convs, fcs, norm_layer=norm), fcs[-1]
 
 
 def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
@@ -210,24 +288,44 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
     backbone = _backbone(spec)
     anchor_sizes = cfg.get("anchors", {}).get("sizes", [32, 64, 128, 256, 512])
     ratios = tuple(cfg.get("anchors", {}).get("aspect_ratios", [0.5, 1.0, 2.0]))
+    if len(anchor_sizes) != len(spec.fpn_levels):
+        raise DataError(f"model {spec.name}: anchors.sizes has {len(anchor_sizes)} entries for "
+                        f"{len(spec.fpn_levels)} FPN levels ({', '.join(lv.name for lv in spec.fpn_levels)})")
     if spec.family == "faster_rcnn":
         rpn, roi = cfg.get("rpn", {}), cfg.get("roi", {})
-        rep = int(roi.get("representation_size", 1024))
+        # one size per level, or a list per level (MobileNetV3: all five sizes on each level)
+        sizes = tuple(tuple(s) if isinstance(s, list) else (s,) for s in anchor_sizes)
+        anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
+        extra = {}
+        if "rpn_head" in cfg:  # v2: more 3x3 convs before the RPN's predictors
+            extra["rpn_head"] = RPNHead(spec.fpn_channels, anchors.num_anchors_per_location()[0],
+                                        conv_depth=int(cfg["rpn_head"].get("conv_depth", 1)))
+        box_head, rep = _box_head(spec)
         model = FasterRCNN(
             backbone, num_classes=None,
-            rpn_anchor_generator=AnchorGenerator(tuple((s,) for s in anchor_sizes), (ratios,) * len(anchor_sizes)),
-            box_head=TwoMLPHead(spec.fpn_channels * 7 * 7, rep),
+            rpn_anchor_generator=anchors,
+            box_head=box_head,
             box_predictor=FastRCNNPredictor(rep, num_classes),
+            **extra,
             **{f"rpn_{k}": v for k, v in rpn.items()},
             **{f"box_{k}": v for k, v in roi.items() if k != "representation_size"},
         )
         _fix_roi_pool_scales(model.roi_heads.box_roi_pool, spec)
     else:
-        head_cfg = cfg.get("head", {})
+        head_cfg, layers = cfg.get("head", {}), cfg.get("retina_head", {})
         octave = [2 ** (i / 3) for i in range(3)]
         sizes = tuple(tuple(int(s * o) for o in octave) for s in anchor_sizes)
         anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
-        head = RetinaNetHead(spec.fpn_channels, anchors.num_anchors_per_location()[0], num_classes)
+        norm = layers.get("norm", "none")
+        if norm not in ("none", "group_norm"):
+            raise DataError(f"model {spec.name}: retina_head.norm = {norm!r}: choose \"none\" or \"group_norm\"")
+        head = RetinaNetHead(spec.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32) if norm == "group_norm" else None)
+        box_loss = layers.get("box_loss", "l1")
+        if box_loss not in ("l1", "smooth_l1", "giou", "diou", "ciou"):
+            raise DataError(f"model {spec.name}: retina_head.box_loss = {box_loss!r}: choose l1, smooth_l1, giou, "
+                            "diou or ciou")
+        head.regression_head._loss_type = box_loss  # torchvision's v2 RetinaNet sets "giou" the same way
         model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **head_cfg)
     model.transform = ViewTransform(spec.preprocessing.size_divisible)
     install_item_seeded_samplers(model)  # per-image draws when training sets seeds (models/sampling.py)
