@@ -180,8 +180,8 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
             if fit.mismatch:
                 state, skipped = drop_class_heads(state, model)
                 target = {k: v for k, v in target.items() if not k.startswith(tuple(f"{p}." for p in skipped))}
-                notes.append(f"skipped the class-dependent heads {', '.join(skipped)} ({fit.mismatch}); "
-                             "they start from their initialisation")
+                notes.append(f"skipped the class-dependent heads {', '.join(skipped)}, which start from their "
+                             f"initialisation: {fit.mismatch}")
     # torchvision's BatchNorm state has num_batches_tracked counters that FrozenBatchNorm2d
     # lacks (and the reverse): counters carry no weights, so they never decide a mismatch.
     counter = "num_batches_tracked"
