@@ -74,6 +74,39 @@ def test_facts_of_a_cache_by_family_and_every_problem_listed():
         check_compatible(RETINA, TeacherFacts.of_family("retinanet"), load_preset("defeat_backbone"))
     assert len(e.value.problems) == 2 and str(e.value) == "; ".join(e.value.problems)
     assert isinstance(e.value, UserError)  # the CLI prints it as one `Error:` line
+    # FPN levels pair by stride: a teacher with only some of the student's levels distils those
     odd = TeacherFacts("faster_rcnn", ("p2", "p3"), ())
-    with pytest.raises(IncompatibleError, match="FPN levels"):
-        check_compatible(FPN, odd, load_preset("neck_decoupled"))
+    parts = check_compatible(FPN, odd, load_preset("neck_decoupled"))
+    assert parts.neck_pairs == ((0, 0), (1, 1))
+    assert parts.notes == ("neck distillation on the FPN levels shared by stride (student<-teacher): p2<-p2, "
+                           "p3<-p3; student levels p4, p5, p6 not distilled",)
+    with pytest.raises(IncompatibleError) as e:  # none shared: refused, in one line
+        check_compatible(FPN, TeacherFacts("faster_rcnn", ("p7",), ()), load_preset("neck_decoupled"))
+    assert e.value.problems == ["the teacher's FPN levels [p7 (stride 128)] and the student's [p2 (stride 4), "
+                                "p3 (stride 8), p4 (stride 16), p5 (stride 32), p6 (stride 64)] share no stride: "
+                                "neck distillation pairs levels by stride"]
+
+
+V2_TEACHER, MOBILENET = load_model_spec("r50_fpn_v2"), load_model_spec("mobilenet_v3_fpn")
+
+
+def test_v2_teacher_to_v1_student_pairs_every_level():
+    parts = check_compatible(FPN, V2_TEACHER, load_preset("defeat"))
+    assert parts.neck_pairs == tuple((i, i) for i in range(5)) and parts.notes == ()
+    assert (parts.neck, parts.cls, parts.backbone) == (True, True, False)
+
+
+def test_mobilenet_student_distils_the_teachers_levels_at_its_strides():
+    parts = check_compatible(MOBILENET, V2_TEACHER, load_preset("defeat"))
+    # P5a and P5 (both stride 32) learn from the teacher's P5, P6 from P6
+    assert parts.neck_pairs == ((0, 3), (1, 3), (2, 4))
+    assert parts.notes == ("neck distillation on the FPN levels shared by stride (student<-teacher): p5a<-p5, "
+                           "p5<-p5, p6<-p6; teacher levels p2, p3, p4 unused",)
+    assert parts.cls  # same family: the RoI classifier part runs
+    # the other way round (a MobileNet teacher, a ResNet student) pairs the student's P5 with the same name
+    facts = TeacherFacts.of_spec(MOBILENET)
+    assert facts.fpn_strides == (32, 32, 64) and facts.backbone_stages == ()  # no C3, C4 to cache
+    assert check_compatible(FPN, facts, load_preset("defeat")).neck_pairs == ((3, 1), (4, 2))
+    # backbone KD needs the stages a MobileNetV3 does not have
+    with pytest.raises(IncompatibleError, match="no backbone features"):
+        check_compatible(FPN, facts, load_preset("defeat_backbone"))

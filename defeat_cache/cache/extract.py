@@ -240,6 +240,9 @@ def extract(opts: ExtractOptions) -> dict:
     """Writes (or finishes) a cache at opts.out; returns a summary. Safe to call again."""
     device = du.init_from_env(opts.device)
     spec = load_model_spec(opts.teacher)
+    if opts.backbone and not spec.cached_backbone_stages:
+        raise DataError(f"--backbone: teacher {spec.name} ({spec.backbone_kind}) has no C3-C5 stages to cache; "
+                        "backbone distillation needs a ResNet teacher (drop --backbone)")
     pre = spec.preprocessing
     views = ViewSet.parse(opts.views)
     data = load_dataset(opts.data, opts.split)

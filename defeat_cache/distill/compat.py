@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..models.family import FAMILIES
+from ..models.family import FAMILIES, stride_of_level
 from ..models.zoo import ModelSpec
 
 # Presets whose RoI-classifier part is dropped, not refused, on a student without an RoI head.
@@ -45,6 +45,10 @@ class TeacherFacts:
     def has_backbone(self) -> bool:
         return bool(self.backbone_stages)
 
+    @property
+    def fpn_strides(self) -> tuple[int, ...]:
+        return tuple(stride_of_level(n) for n in self.fpn_levels)
+
     @classmethod
     def of_family(cls, family: str, backbone_stages: Iterable[str] = (), **extra) -> TeacherFacts:
         """A teacher known by its family name (the FPN levels are the family's)."""
@@ -61,6 +65,21 @@ class TeacherFacts:
                    backbone_channels={s.name: s.channels for s in stages}, description=description)
 
 
+def shared_levels(teacher: TeacherFacts, student: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """(student level index, teacher level index) for every student FPN level whose stride the
+    teacher has: neck distillation pairs levels by stride, so a student with fewer or other
+    levels (MobileNetV3's P5a, P5, P6) learns from the teacher's levels at its strides. Where the
+    teacher has several levels at one stride, the one of the same name, else the first."""
+    pairs = []
+    t_levels = list(zip(teacher.fpn_levels, teacher.fpn_strides))
+    for si, lv in enumerate(student.fpn_levels):
+        same = [ti for ti, (name, stride) in enumerate(t_levels) if stride == lv.stride]
+        if same:
+            named = [ti for ti in same if t_levels[ti][0] == lv.name]
+            pairs.append((si, (named or same)[0]))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Compatibility:
     """The parts of the preset that run for this student and teacher."""
@@ -69,6 +88,7 @@ class Compatibility:
     cls: bool
     backbone: bool
     notes: tuple[str, ...] = ()  # parts the preset enables that do not apply here, for the log
+    neck_pairs: tuple[tuple[int, int], ...] = ()  # (student, teacher) FPN level indices (`shared_levels`)
 
 
 def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, preset: dict) -> Compatibility:
@@ -82,10 +102,18 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
         raise IncompatibleError([f"teacher is {teacher.family}, student is {student.family}: "
                                  "DeFeat distils within one detector family"])
     problems, notes = [], []
-    student_levels = tuple(lv.name for lv in student.fpn_levels)
-    if neck_on and teacher.fpn_levels != student_levels:
-        problems.append(f"the teacher outputs have FPN levels {list(teacher.fpn_levels)}, the student "
-                        f"{list(student_levels)}: neck distillation pairs them level by level")
+    pairs = shared_levels(teacher, student) if neck_on else ()
+    if neck_on and not pairs:
+        problems.append(f"the teacher's FPN levels {_levels_text(teacher.fpn_levels, teacher.fpn_strides)} and the "
+                        f"student's {_levels_text([lv.name for lv in student.fpn_levels], student.strides)} share no "
+                        "stride: neck distillation pairs levels by stride")
+    elif neck_on and len(pairs) < max(len(student.fpn_levels), len(teacher.fpn_levels)):
+        paired = ", ".join(f"{student.fpn_levels[s].name}<-{teacher.fpn_levels[t]}" for s, t in pairs)
+        unused = [n for t, n in enumerate(teacher.fpn_levels) if t not in {t for _, t in pairs}]
+        alone = [lv.name for s, lv in enumerate(student.fpn_levels) if s not in {s for s, _ in pairs}]
+        notes.append(f"neck distillation on the FPN levels shared by stride (student<-teacher): {paired}"
+                     + (f"; teacher levels {', '.join(unused)} unused" if unused else "")
+                     + (f"; student levels {', '.join(alone)} not distilled" if alone else ""))
     if cls_on and not student.has_roi_head:
         title = student.family_record.title
         with_roi = " or ".join(f.title for f in FAMILIES.values() if f.has_roi_head)
@@ -111,7 +139,12 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
                 problems.append(f"backbone.stages {unknown}: the teacher outputs provide only {allowed}")
     if problems:
         raise IncompatibleError(problems)
-    return Compatibility(neck=neck_on, cls=cls_on, backbone=bb_on, notes=tuple(notes))
+    return Compatibility(neck=neck_on, cls=cls_on, backbone=bb_on, notes=tuple(notes), neck_pairs=pairs)
 
 
-__all__ = ["CLS_DROPPED_WITHOUT_ROI_HEAD", "Compatibility", "IncompatibleError", "TeacherFacts", "check_compatible"]
+def _levels_text(names, strides) -> str:
+    return "[" + ", ".join(f"{n} (stride {s})" for n, s in zip(names, strides)) + "]"
+
+
+__all__ = ["CLS_DROPPED_WITHOUT_ROI_HEAD", "Compatibility", "IncompatibleError", "TeacherFacts", "check_compatible",
+           "shared_levels"]

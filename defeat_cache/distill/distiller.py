@@ -41,9 +41,12 @@ class Distiller(nn.Module):
         self.strides = student.strides
         fs = neck.get("finest_scale", "auto")
         self.finest_scale = FINEST_SCALE * student.preprocessing.min_size / PAPER_MIN_SIZE if fs == "auto" else float(fs)
+        # (student, teacher) FPN level indices paired by stride (compat.shared_levels), and the
+        # size of the teacher's pyramid, over which boxes are assigned to levels for the masks
+        self.neck_pairs, self.teacher_num_levels = parts.neck_pairs, len(teacher.fpn_levels)
         if self.neck_on:
-            n = len(self.strides)
-            self.neck_adapters = FeatureAdapters([student.fpn_channels] * n, teacher.feature_channels[:n])
+            self.neck_adapters = FeatureAdapters([student.fpn_channels] * len(self.neck_pairs),
+                                                 [teacher.feature_channels[t] for _, t in self.neck_pairs])
         if self.bb_on:
             stage_names = [s.name for s in student.backbone_stages]
             self.bb_index = [stage_names.index(s) for s in bb["stages"]]
@@ -81,17 +84,22 @@ class Distiller(nn.Module):
     # -- neck (sections 1-2)
     def neck_losses(self, student: nn.Module, out: DetectorOutput, teacher: list, boxes: list[Tensor],
                     device, seeds: list[int] | None = None) -> dict:
-        s_levels = self.neck_adapters(list(out.fpn.values()))
-        t_levels, valids = _pad_teacher([[t.features[li] for t in teacher] for li in range(len(s_levels))],
+        student_maps = list(out.fpn.values())
+        s_levels = self.neck_adapters([student_maps[s] for s, _ in self.neck_pairs])
+        t_levels, valids = _pad_teacher([[t.features[ti] for t in teacher] for _, ti in self.neck_pairs],
                                         s_levels, device)
         sizes = [tuple(s.shape[-2:]) for s in s_levels]
         kind = self.preset["neck"]["mask"]
         anchors = num_a = None
         if kind == "fgfi":
-            anchors, num_a = _level_anchors(student, out)
+            all_anchors, all_num_a = _level_anchors(student, out)
+            anchors = [all_anchors[s] for s, _ in self.neck_pairs]
+            num_a = [all_num_a[s] for s, _ in self.neck_pairs]
         generators = image_generators(seeds, "random_mask", device) if kind == "random" else None
-        masks = build_level_masks(kind, boxes, sizes, self.strides, anchors_per_level=anchors,
-                                  num_anchors_per_cell=num_a, finest_scale=self.finest_scale, generators=generators)
+        masks = build_level_masks(kind, boxes, sizes, [self.strides[s] for s, _ in self.neck_pairs],
+                                  anchors_per_level=anchors, num_anchors_per_cell=num_a,
+                                  finest_scale=self.finest_scale, generators=generators,
+                                  levels=[t for _, t in self.neck_pairs], num_levels=self.teacher_num_levels)
         terms = neck_distill_loss(s_levels, t_levels, masks, valids, self.preset["neck"]["alpha_obj"],
                                   self.preset["neck"]["alpha_bg"])
         if kind == "all":  # one term over all cells (paper Eq. 1)

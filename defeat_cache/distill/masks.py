@@ -225,6 +225,8 @@ def build_level_masks(
     psi: float = 0.5,
     finest_scale: float = FINEST_SCALE,
     generators: Optional[Sequence[torch.Generator]] = None,
+    levels: Optional[Sequence[int]] = None,
+    num_levels: Optional[int] = None,
 ) -> list[Tensor]:
     """Masks [B, H_l, W_l] for every level l of a batch.
 
@@ -237,6 +239,9 @@ def build_level_masks(
     drawn from `generators[b]` for image b when given (else from `generator` / the global RNG).
     finest_scale: the box size assigned to the finest level (56 at the paper's 800-pixel inputs;
     smaller inputs scale it down so objects spread over the levels in the same proportion).
+    levels / num_levels: the position of each given level in the pyramid boxes are assigned over,
+    and that pyramid's size (default: the given levels are the whole pyramid). Neck distillation
+    passes the teacher's pyramid when the student shares only some of its levels (distill/compat.py).
     """
     if kind not in MASK_KINDS:
         raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
@@ -245,6 +250,10 @@ def build_level_masks(
     L = len(sizes)
     if len(strides) != L:
         raise ValueError(f"{len(strides)} strides for {L} levels")
+    positions = list(range(L)) if levels is None else [int(i) for i in levels]
+    if len(positions) != L:
+        raise ValueError(f"{len(positions)} level positions for {L} levels")
+    L_assign = L if num_levels is None else int(num_levels)
     boxes_per_image = [_boxes2d(b) for b in boxes_per_image]
     B = len(boxes_per_image)
     device = boxes_per_image[0].device if B > 0 else torch.device("cpu")
@@ -256,22 +265,23 @@ def build_level_masks(
         num_a = _per_level(num_anchors_per_cell, L, "num_anchors_per_cell")
 
     out = []
-    for lvl, ((H, W), s) in enumerate(zip(sizes, strides)):
+    for i, ((H, W), s) in enumerate(zip(sizes, strides)):
         if kind == "all":
             out.append(torch.ones(B, H, W, dtype=torch.float32, device=device))
             continue
+        lvl = positions[i]
         per_img = []
         for b, boxes in enumerate(boxes_per_image):
             if kind == "gt":
-                m = gt_mask(boxes, lvl, L, s, (H, W), finest_scale)
+                m = gt_mask(boxes, lvl, L_assign, s, (H, W), finest_scale)
             elif kind == "gaussian":
-                m = gaussian_mask(boxes, lvl, L, s, (H, W), finest_scale)
+                m = gaussian_mask(boxes, lvl, L_assign, s, (H, W), finest_scale)
             elif kind == "fgfi":
-                m = fgfi_mask(boxes, lvl, L, anchors_per_level[lvl], (H, W), num_a[lvl], psi=psi,
+                m = fgfi_mask(boxes, lvl, L_assign, anchors_per_level[i], (H, W), num_a[i], psi=psi,
                               finest_scale=finest_scale)
             else:  # random
                 g = generators[b] if generators is not None else generator
-                m = random_mask(gt_mask(boxes, lvl, L, s, (H, W), finest_scale), generator=g)
+                m = random_mask(gt_mask(boxes, lvl, L_assign, s, (H, W), finest_scale), generator=g)
             per_img.append(m.to(device))
         if per_img:
             out.append(torch.stack(per_img))

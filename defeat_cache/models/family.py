@@ -8,6 +8,7 @@ detector, `family_of(model)`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -31,6 +32,16 @@ RESNET_LAYERS = {stage.name: f"layer{i + 1}" for i, stage in enumerate(RESNET_ST
 # distillation uses (docs/method.md#backbone-distillation; C2 alone would double the size of a COCO cache). An online teacher offers
 # the same ones, so both teacher sources index them alike.
 CACHED_BACKBONE_STAGES = ("c3", "c4", "c5")
+
+
+def stride_of_level(name: str) -> int:
+    """The stride of an FPN level or stage by its name: pK / cK (with an optional letter) is 2 ** K.
+
+    Names are what caches record of their levels, so a cache's strides follow from its names alone."""
+    match = re.fullmatch(r"[pc](\d)[a-z]?", name)
+    if match is None:
+        raise ValueError(f"not a level name: {name!r}")
+    return 2 ** int(match.group(1))
 
 
 def _pyramid(first: int, last: int) -> tuple[Level, ...]:
@@ -86,4 +97,4 @@ def family_of(model: nn.Module) -> Family:
 
 
 __all__ = ["BACKBONE_KINDS", "CACHED_BACKBONE_STAGES", "FAMILIES", "Family", "Level", "MOBILENET_V3_FPN_LEVELS",
-           "MOBILENET_V3_STAGES", "RESNET_LAYERS", "RESNET_STAGES", "family_of", "pyramid"]
+           "MOBILENET_V3_STAGES", "RESNET_LAYERS", "RESNET_STAGES", "family_of", "pyramid", "stride_of_level"]
