@@ -140,16 +140,14 @@ def test_two_rank_ddp_steps_equal_single_process_steps(tmp_path, tiny_model_toml
 
     # the initial weights: what train() builds for seed 0 before its first step
     from defeat_cache.data.dataset import load_dataset
-    from defeat_cache.distill.distiller import build_distiller
     from defeat_cache.distill.sources import build_teacher_source
-    from defeat_cache.engine.train import TrainStep, _set_seed
-    from defeat_cache.models.zoo import build_detector, load_model_spec
+    from defeat_cache.engine.train import TrainStep, initial_distiller, initial_student
+    from defeat_cache.models.zoo import load_model_spec
     spec, ds = load_model_spec(str(student)), load_dataset(str(data), "train")
-    _set_seed(0)
-    model = build_detector(spec, ds.num_classes)
     preset = common["distill"]
     source = build_teacher_source(ds, spec, preset, torch.device("cpu"), cache=str(cache))
-    init = TrainStep(model, build_distiller(preset, spec, source.facts)).state_dict()
+    init = TrainStep(initial_student(spec, ds.num_classes, 0),
+                     initial_distiller(preset, spec, source.facts, 0)).state_dict()
 
     single = _weight_deltas(tmp_path / "single", init)
     for run in ("ddp", "resumed"):
