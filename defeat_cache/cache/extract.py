@@ -240,11 +240,11 @@ def shard_batches(items: list[int], batch_size: int) -> list[list[int]]:
 
 
 def _prepare_teacher(spec: ModelSpec, checkpoint: str, data: DetectionData, device: torch.device):
-    """The frozen teacher; its checkpoint's heads must predict the dataset's classes (models/class_map.py)."""
+    """(the frozen teacher, what was loaded); the checkpoint's heads must predict the dataset's
+    classes (models/class_map.py)."""
     teacher = build_detector(spec, data.num_classes)
     loaded = load_weights(teacher, checkpoint, backbone_only=False, classes=data)
-    log(f"teacher {spec.name}: {loaded} from {checkpoint}")
-    return teacher.eval().to(device).requires_grad_(False)
+    return teacher.eval().to(device).requires_grad_(False), loaded
 
 
 def extract(opts: ExtractOptions) -> dict:
@@ -275,7 +275,9 @@ def extract(opts: ExtractOptions) -> dict:
 
     def get_teacher():
         if not built:
-            built.append(_prepare_teacher(spec, opts.checkpoint, data, device))
+            teacher, loaded = _prepare_teacher(spec, opts.checkpoint, data, device)
+            log(f"teacher {spec.name}: {loaded} from {opts.checkpoint}")
+            built.append(teacher)
         return built[0]
 
     # Rank 0 creates (or checks) the store, fitting the bases first if the codec needs them;

@@ -91,7 +91,7 @@ def plan_cache(opts: PlanOptions) -> dict:
     vds = ViewDataset(sample_data, spec.preprocessing, views)
     samples = [vds[(k, v)] for k in range(len(images)) for v in range(len(views))]
     check_batch(samples)
-    teacher = _prepare_teacher(spec, opts.checkpoint, data, device)
+    teacher, _ = _prepare_teacher(spec, opts.checkpoint, data, device)
     use_amp = opts.amp and device.type == "cuda"
     outs, t0 = [], time.perf_counter()
     for k in range(0, len(samples), opts.batch_size):

@@ -75,9 +75,11 @@ def _is_state_dict(obj) -> bool:
 def _ours(obj: dict) -> CheckpointWeights | None:
     """Our training checkpoints (`final.pt`, `last.pt`: `trained_model_payload`)."""
     if isinstance(obj.get("model_state"), dict):
-        name = obj.get("model", {}).get("name", "?") if isinstance(obj.get("model"), dict) else "?"
-        return CheckpointWeights(obj["model_state"], f"defeat-cache training checkpoint ({name}, "
-                                                     f"iteration {obj.get('iteration', '?')})")
+        model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
+        facts = [str(model["name"])] if "name" in model else []
+        facts += [f"iteration {obj['iteration']}"] if "iteration" in obj else []
+        what = f"defeat-cache training checkpoint ({', '.join(facts)})" if facts else "{'model_state': ...} checkpoint"
+        return CheckpointWeights(obj["model_state"], what)
     return None
 
 

@@ -232,15 +232,15 @@ def _backbone(spec: ModelSpec):
     fpn_ch = spec.fpn_channels
     stages = spec.backbone_stages
     # the levels above C5 (models/family.py): P6 by max-pool, or P6 and P7 by convolutions on
-    # P5 (torchvision's v1 RetinaNet) or on C5 (`p6_from = "c5"`: its v2 RetinaNet)
+    # P5 (torchvision's v1 RetinaNet) or on C5 (`[neck] extra_input = "c5"`: its v2 RetinaNet)
     if spec.family == "faster_rcnn":
         extra = LastLevelMaxPool()
     else:
-        p6_from = bb.get("p6_from", "p5")
-        if p6_from not in ("p5", "c5"):
-            raise DataError(f"model {spec.name}: backbone.p6_from = {p6_from!r}: choose \"p5\" or \"c5\"")
-        extra = LastLevelP6P7(stages[-1].channels if p6_from == "c5" else fpn_ch, fpn_ch)
-        extra.use_P5 = p6_from == "p5"  # torchvision infers it from equal channels; say it
+        source = spec.config.get("neck", {}).get("extra_input", "p5")
+        if source not in ("p5", "c5"):
+            raise DataError(f'model {spec.name}: neck.extra_input must be "p5" or "c5", got {source!r}')
+        extra = LastLevelP6P7(stages[-1].channels if source == "c5" else fpn_ch, fpn_ch)
+        extra.use_P5 = source == "p5"  # torchvision infers it from equal channels; the config decides
     return_layers = {RESNET_LAYERS[s.name]: str(i) for i, s in enumerate(stages)}
     fpn_norm = _norm_layer(bb, "fpn_norm", "none", "backbone")  # BatchNorm after each FPN conv (v2 Faster R-CNN)
     backbone = BackboneWithFPN(body, return_layers, [s.channels for s in stages], fpn_ch, extra_blocks=extra,
