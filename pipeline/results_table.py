@@ -27,7 +27,7 @@ def main(out_dir: str, *runs: str) -> None:
         name, run = spec.split("=", 1)
         run = Path(run)
         metrics = json.loads((run / "eval.json").read_text())
-        row = {"name": name, **{k: round(100 * metrics[k], 2) for k in COLUMNS}}
+        row = {"name": name, **{k: None if metrics[k] is None else round(100 * metrics[k], 2) for k in COLUMNS}}
         cfg = run / "config.json"
         if cfg.is_file():
             row["model"] = json.loads(cfg.read_text())["model"]["name"]
@@ -38,7 +38,7 @@ def main(out_dir: str, *runs: str) -> None:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
         t = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-        lines.append(f"| {r['name']} | {r.get('model', '')} | " + " | ".join(f"{r[k]:.1f}" for k in COLUMNS) + f" | {t} |")
+        lines.append(f"| {r['name']} | {r.get('model', '')} | " + " | ".join("n/a" if r[k] is None else f"{r[k]:.1f}" for k in COLUMNS) + f" | {t} |")
     table = "\n".join(lines) + "\n\nAP values are COCO bbox AP x 100 on the validation split.\n"
     (out / "results.md").write_text(table)
     print(table)
