@@ -324,5 +324,18 @@ def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, c
         click.echo(format_classwise(metrics["per_class"]))
 
 
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.md, runs.csv, groups.csv, report.json and the PNG plots.")
+@_user_errors
+def report_cmd(runs, out):
+    """Compare training runs: tables (mean ± sd over seeds) and loss/lr/AP plots. RUN_DIR or NAME=RUN_DIR each."""
+    from .report import write_report
+    written = write_report(list(runs), out)
+    click.echo((Path(out) / "report.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
