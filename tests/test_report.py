@@ -178,7 +178,9 @@ def test_report_with_eval_lines_draws_ap_per_epoch(tmp_path, real_runs):
         run = _copy_run(real_runs["plain"], tmp_path / f"seed{seed}", seed, None)
         with (run / "metrics.jsonl").open("a") as f:
             for epoch, ap in enumerate(aps, start=1):
-                f.write(json.dumps({"iter": ITERS, "epoch": epoch, "eval": _metrics(ap)}) + "\n")
+                # an evaluation line as `train --eval-every` writes it (engine.run_log): epoch 0-based
+                f.write(json.dumps({"iter": ITERS * epoch, "epoch": epoch - 1, "epochs_done": float(epoch),
+                                    "time": 1.0, "eval_seconds": 0.5, "eval": _metrics(ap)}) + "\n")
         runs.append(str(run))
     no_eval = _copy_run(real_runs["plain"], tmp_path / "noeval", 2, None)
     written = write_report([*runs, str(no_eval)], tmp_path / "report")
@@ -192,7 +194,8 @@ def test_report_with_eval_lines_draws_ap_per_epoch(tmp_path, real_runs):
     plt.close(fig)
     assert [line.get_label() for line in ax.get_lines()] == ["seed0", "seed1"]  # the run without evals: no line
     assert list(ax.get_lines()[1].get_ydata()) == pytest.approx([4.0, 10.0, 18.0])
-    assert ax.get_xlabel() == "epoch" and "AP" in ax.get_ylabel()
+    assert ax.get_xlabel() == "epochs trained" and "AP" in ax.get_ylabel()
+    assert list(ax.get_lines()[0].get_xdata()) == [1.0, 2.0, 3.0]
     with Image.open(written["ap_epoch"]) as im:
         assert im.format == "PNG"
 

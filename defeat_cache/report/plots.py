@@ -88,7 +88,7 @@ def ap_figure(runs: list[Run]) -> Figure | None:
                   for e in r.evals if e["metrics"].get("AP") is not None]
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", color=colours[r.name], label=r.name)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs trained")
     ax.set_ylabel("COCO AP (x 100), val split")
     ax.set_title("AP during training (--eval-every)")
     ax.grid(True, alpha=0.3)

@@ -48,7 +48,7 @@ class Run:
     train_seconds: float | None = None
     metrics: dict | None = None  # COCO numbers of the trained model (fractions; None per undefined range)
     metrics_from: str = ""  # "eval.json" or "metrics.jsonl" (its last evaluation line)
-    evals: list[dict] = field(default_factory=list)  # evaluation lines: {"epoch", "iter", "metrics"}
+    evals: list[dict] = field(default_factory=list)  # evaluation lines: {"epoch" (epochs done), "iter", "metrics"}
     log: list[dict] = field(default_factory=list)  # training lines (loss terms, lr, iter), one segment history
     segments: int = 0  # training processes that wrote metrics.jsonl (resumes + 1)
     experiment: str = ""  # what the run computes except its seed (JSON): runs with equal ones are grouped
@@ -56,7 +56,7 @@ class Run:
 
     @property
     def best_epoch(self) -> float | int | None:
-        """The epoch of the evaluation line with the highest AP (None without evaluation lines)."""
+        """The epochs trained before the evaluation with the highest AP (None without evaluation lines)."""
         scored = [e for e in self.evals if e["metrics"].get("AP") is not None]
         return max(scored, key=lambda e: e["metrics"]["AP"])["epoch"] if scored else None
 
@@ -163,7 +163,9 @@ def read_run(path: Path, name: str) -> Run | None:
 
     if metrics_path.is_file():
         run.log, lines, run.segments = history(_read_jsonl(metrics_path))
-        run.evals = [{"epoch": e.get("epoch"), "iter": e["iter"], "metrics": _eval_numbers(e)} for e in lines]
+        # epochs_done: the epochs trained before that evaluation (1.0 after the first); `epoch` is 0-based
+        run.evals = [{"epoch": e.get("epochs_done", e.get("epoch")), "iter": e["iter"], "metrics": _eval_numbers(e)}
+                     for e in lines]
         if run.log:
             run.iterations = run.log[-1]["iter"]
             run.train_seconds = run.log[-1].get("time")
