@@ -431,6 +431,17 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
     line = run_metrics(run_bb)[0]
     assert {"loss_neck_obj", "loss_neck_bg", "loss_backbone"} <= set(line) and math.isfinite(line["loss_backbone"])
 
+    # the other feature-KD methods, all at once, on a 16-channel student of a 32-channel teacher (1x1 aligners)
+    run_kd = tmp_path / "run_kd"
+    train(tiny_train_options(retina_student_toml, tiny_shapes, run_kd, max_iters=1, cache=retina_cache,
+                             distill=load_preset("fgd_retina", ["pkd.enabled=true", "cwd.enabled=true",
+                                                                "mgd.enabled=true"])))
+    line = run_metrics(run_kd)[0]
+    kd = {"loss_pkd", "loss_cwd", "loss_fgd_focal", "loss_fgd_global", "loss_mgd"}
+    assert kd <= set(line) and all(math.isfinite(line[k]) and line[k] > 0 for k in kd), line
+    state = torch.load(run_kd / "last.pt", map_location="cpu", weights_only=True)["train_state"]
+    assert tuple(state["distiller.feature_align.convs.0.weight"].shape) == (32, 16, 1, 1)
+
     with pytest.raises(IncompatibleError, match="RoI"):  # a cls-only preset cannot apply to RetinaNet
         train(tiny_train_options(retina_student_toml, tiny_shapes, tmp_path / "run2",
                                  distill=load_preset("cls_decoupled"), cache=retina_cache))
