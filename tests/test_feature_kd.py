@@ -272,9 +272,10 @@ def test_feature_kd_presets_and_their_errors():
     assert not any(p[m]["enabled"] for m in ("pkd", "cwd", "fgd", "mgd"))  # old presets: the methods off
     assert load_preset("fgd_retina")["fgd"]["alpha"] == 1e-3 and load_preset("mgd")["mgd"]["ratio"] == 0.45
     both = load_preset("defeat", ["pkd.enabled=true", "pkd.weight=2"])
-    assert both["pkd"] == {"enabled": True, "weight": 2}
+    assert both["pkd"] == {"enabled": True, "weight": 2, "levels": 4}
     for bad, match in (("pkd.weight=-1", "pkd.weight"), ("cwd.tau=0", "cwd.tau"), ("mgd.ratio=1", "mgd.ratio"),
-                       ("fgd.enabled=1", "fgd.enabled"), ("fgd.lambda=\"x\"", "fgd.lambda")):
+                       ("fgd.enabled=1", "fgd.enabled"), ("fgd.lambda=\"x\"", "fgd.lambda"),
+                       ("mgd.levels=1.5", "mgd.levels")):
         with pytest.raises(DataError, match=match):
             load_preset("fgd", [bad])
 
@@ -308,3 +309,68 @@ def test_pkd_and_cwd_under_ddp_give_the_single_process_gradient(tmp_path):
     for level, s in enumerate(students):
         ddp = torch.cat([parts[0][level], parts[1][level]])
         assert torch.allclose(ddp, s.grad, rtol=1e-4, atol=1e-7), (ddp - s.grad).abs().max()
+
+
+# ------------------------------------------------------------------------------------ the criterion
+def test_distiller_terms_on_the_preset_levels(tiny_student_toml, tiny_model_toml):
+    """The Distiller's feature-KD terms: weight x the public functions on the finest `levels` levels
+    of the padded batch (teacher maps at each image's own canvas); a change on an excluded level
+    changes nothing, on an included one it does."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from defeat_cache.distill.compat import TeacherFacts
+    from defeat_cache.distill.distiller import build_distiller
+    from defeat_cache.models.zoo import load_model_spec
+
+    student, teacher_spec = load_model_spec(str(tiny_student_toml)), load_model_spec(str(tiny_model_toml))
+    facts = TeacherFacts.of_spec(teacher_spec)
+    C = facts.feature_channels[0]
+    preset = load_preset("pkd", ["cwd.enabled=true", "cwd.tau=2", "cwd.levels=2", "fgd.enabled=true",
+                                 "mgd.enabled=true", "mgd.levels=3"])
+    preset["name"] = "test"
+    torch.manual_seed(0)
+    dist = build_distiller(preset, student, facts)
+    assert dist.parts == ["pkd", "cwd", "fgd", "mgd"]
+    assert dist.kd_levels == {"pkd": 4, "cwd": 2, "fgd": 4, "mgd": 3}
+    assert len(dist.fgd_relation_s) == 4 and len(dist.mgd_generators) == 3
+    assert student.fpn_channels != C and isinstance(dist.feature_align.convs[0], torch.nn.Conv2d)
+    canvases = [(64, 96), (96, 64)]  # two images of different canvases in a 96 x 96 batch
+    g = torch.Generator().manual_seed(5)
+    fpn = OrderedDict((str(i), torch.randn(2, student.fpn_channels, 96 // s, 96 // s, generator=g))
+                      for i, s in enumerate(student.strides))
+    teacher = [SimpleNamespace(features=[torch.randn(C, h // s, w // s, generator=g) for s in student.strides])
+               for h, w in canvases]
+    boxes = [torch.tensor([[4.0, 8.0, 40.0, 30.0]]), torch.tensor([[10.0, 2.0, 60.0, 90.0]])]
+    out = SimpleNamespace(fpn=fpn)
+    seeds = [3, 4]
+    losses = dist.feature_kd_losses(out, teacher, boxes, torch.device("cpu"), seeds)
+    assert set(losses) == {"loss_pkd", "loss_cwd", "loss_fgd_focal", "loss_fgd_global", "loss_mgd"}
+
+    def padded(levels):
+        t, v = [], []
+        for li in range(levels):
+            H, W = fpn[str(li)].shape[-2:]
+            tl, vl = torch.zeros(2, C, H, W), torch.zeros(2, H, W, dtype=torch.bool)
+            for b, item in enumerate(teacher):
+                h, w = item.features[li].shape[-2:]
+                tl[b, :, :h, :w], vl[b, :h, :w] = item.features[li], True
+            t.append(tl)
+            v.append(vl)
+        aligned = dist.feature_align([fpn[str(i)] for i in range(len(dist.feature_align.convs))])  # 1x1 convs
+        return aligned[:levels], t, v
+
+    assert losses["loss_pkd"].item() == pytest.approx(6.0 * pkd_loss(*padded(4)).item(), rel=1e-6)
+    s2, t2, v2 = padded(2)
+    assert losses["loss_cwd"].item() == pytest.approx(10.0 * cwd_loss(s2, t2, 2.0, v2).item(), rel=1e-6)
+    assert all(torch.isfinite(x) and x > 0 for x in losses.values())
+    again = dist.feature_kd_losses(out, teacher, boxes, torch.device("cpu"), seeds)
+    assert all(torch.equal(again[k], losses[k]) for k in losses)  # MGD's masks come from the image seeds
+
+    fpn["4"] = fpn["4"] * torch.rand(fpn["4"].shape, generator=g)  # P6: no method here distils it
+    assert all(torch.equal(v, dist.feature_kd_losses(out, teacher, boxes, torch.device("cpu"), seeds)[k])
+               for k, v in losses.items())
+    fpn["2"] = fpn["2"] * torch.rand(fpn["2"].shape, generator=g)  # P4: all but CWD (2 levels) do
+    changed = dist.feature_kd_losses(out, teacher, boxes, torch.device("cpu"), seeds)
+    assert changed["loss_cwd"] == losses["loss_cwd"]
+    assert all(changed[k] != losses[k] for k in ("loss_pkd", "loss_fgd_focal", "loss_fgd_global", "loss_mgd"))

@@ -57,13 +57,16 @@ class Distiller(nn.Module):
                                                      relu=True)
             self.bb_teacher_index = [list(teacher.backbone_channels).index(s) for s in bb["stages"]]
         if self.feature_kd:  # docs/method.md#other-feature-kd-methods
-            t_ch = list(teacher.feature_channels[:len(self.strides)])
+            all_levels = len(self.strides)
+            # the finest `levels` FPN levels of each method (0 = all), as the authors' configs pick them
+            self.kd_levels = {m: min(preset[m]["levels"] or all_levels, all_levels) for m in self.feature_kd}
+            t_ch = list(teacher.feature_channels[:max(self.kd_levels.values())])
             self.feature_align = FeatureAlign([student.fpn_channels] * len(t_ch), t_ch)
             if "fgd" in self.feature_kd:  # one GcBlock on the student side and one on the teacher side per level
-                self.fgd_relation_s = nn.ModuleList(FGDRelation(c) for c in t_ch)
-                self.fgd_relation_t = nn.ModuleList(FGDRelation(c) for c in t_ch)
+                self.fgd_relation_s = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
+                self.fgd_relation_t = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
             if "mgd" in self.feature_kd:
-                self.mgd_generators = nn.ModuleList(MGDGenerator(c) for c in t_ch)
+                self.mgd_generators = nn.ModuleList(MGDGenerator(c) for c in t_ch[:self.kd_levels["mgd"]])
         if self.cls_on:
             rpi = int(cls["rois_per_image"]) or int(student.config.get("roi", {}).get("batch_size_per_image", 512))
             self.kd_sampler = ItemSeededSampler(rpi, float(cls["positive_fraction"]), "kd_rois")
@@ -117,15 +120,22 @@ class Distiller(nn.Module):
     # -- other feature-KD methods (docs/method.md#other-feature-kd-methods)
     def feature_kd_losses(self, out: DetectorOutput, teacher: list, boxes: list[Tensor], device,
                           seeds: list[int] | None = None) -> dict:
-        s_levels = [s.float() for s in self.feature_align(list(out.fpn.values()))]
+        fpn = list(out.fpn.values())[:len(self.feature_align.convs)]
+        s_levels = [s.float() for s in self.feature_align(fpn)]
         t_levels, valids = _pad_teacher([[t.features[li] for t in teacher] for li in range(len(s_levels))],
                                         s_levels, device)
+
+        def levels(method):  # (S, T, valid) of the method's levels
+            n = self.kd_levels[method]
+            return s_levels[:n], t_levels[:n], valids[:n]
+
         losses = {}
         if "pkd" in self.feature_kd:
-            losses["loss_pkd"] = self.preset["pkd"]["weight"] * pkd_loss(s_levels, t_levels, valids)
+            losses["loss_pkd"] = self.preset["pkd"]["weight"] * pkd_loss(*levels("pkd"))
         if "cwd" in self.feature_kd:
             cfg = self.preset["cwd"]
-            losses["loss_cwd"] = cfg["weight"] * cwd_loss(s_levels, t_levels, cfg["tau"], valids)
+            s, t, v = levels("cwd")
+            losses["loss_cwd"] = cfg["weight"] * cwd_loss(s, t, cfg["tau"], v)
         if "fgd" not in self.feature_kd and "mgd" not in self.feature_kd:
             return losses
         # FGD and MGD sum per-image terms: divided by the batch size (of the global batch under DDP)
@@ -133,7 +143,7 @@ class Distiller(nn.Module):
         if "fgd" in self.feature_kd:
             cfg = self.preset["fgd"]
             sums = sum(fgd_level_sums(s, t, v, *fgd_masks(boxes, v, stride), cfg["temp"], rel_s, rel_t)
-                       for s, t, v, stride, rel_s, rel_t in zip(s_levels, t_levels, valids, self.strides,
+                       for s, t, v, stride, rel_s, rel_t in zip(*levels("fgd"), self.strides,
                                                                 self.fgd_relation_s, self.fgd_relation_t)) / images
             losses["loss_fgd_focal"] = cfg["alpha"] * sums[0] + cfg["beta"] * sums[1] + cfg["gamma"] * sums[2]
             losses["loss_fgd_global"] = cfg["lambda"] * sums[3]
@@ -141,7 +151,7 @@ class Distiller(nn.Module):
             cfg = self.preset["mgd"]
             generators = image_generators(seeds, "mgd_mask", device)  # drawn level after level, per image
             total = sum(mgd_level_sum(s, t, v, mgd_keep_masks(v, cfg["ratio"], generators), gen)
-                        for s, t, v, gen in zip(s_levels, t_levels, valids, self.mgd_generators))
+                        for s, t, v, gen in zip(*levels("mgd"), self.mgd_generators))
             losses["loss_mgd"] = cfg["alpha"] * total / images
         return losses
 

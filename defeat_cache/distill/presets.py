@@ -17,11 +17,11 @@ CLS_MODES = ("decoupled", "all", "sub_negative")
 # The feature-KD methods besides DeFeat (docs/method.md#other-feature-kd-methods), one optional
 # section each; a preset without the section gets these values (the authors' Faster R-CNN COCO
 # settings), so `--set pkd.enabled=true` adds a method to any preset.
-FEATURE_KD_DEFAULTS = {
-    "pkd": {"enabled": False, "weight": 6.0},
-    "cwd": {"enabled": False, "weight": 10.0, "tau": 1.0},
-    "fgd": {"enabled": False, "temp": 0.5, "alpha": 5e-5, "beta": 2.5e-5, "gamma": 5e-5, "lambda": 5e-7},
-    "mgd": {"enabled": False, "alpha": 5e-7, "ratio": 0.45},
+FEATURE_KD_DEFAULTS = {  # levels: how many of the finest FPN levels the method distils, 0 = all
+    "pkd": {"enabled": False, "weight": 6.0, "levels": 4},
+    "cwd": {"enabled": False, "weight": 10.0, "tau": 1.0, "levels": 0},
+    "fgd": {"enabled": False, "temp": 0.5, "alpha": 5e-5, "beta": 2.5e-5, "gamma": 5e-5, "lambda": 5e-7, "levels": 4},
+    "mgd": {"enabled": False, "alpha": 5e-7, "ratio": 0.45, "levels": 4},
 }
 FEATURE_KD_METHODS = tuple(FEATURE_KD_DEFAULTS)
 
@@ -80,6 +80,8 @@ def validate(preset: dict, source: str) -> dict:
             raise DataError(f"{source}: [{method}] has no key {unknown[0]!r} (keys: {', '.join(defaults)})")
         if not isinstance(section["enabled"], bool):
             raise DataError(f"{source}: {method}.enabled must be true or false, got {section['enabled']!r}")
+        if isinstance(section["levels"], bool) or not isinstance(section["levels"], int) or section["levels"] < 0:
+            raise DataError(f"{source}: {method}.levels is a count of FPN levels (0 = all), got {section['levels']!r}")
         for k, v in section.items():
             if k != "enabled" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
                 raise DataError(f"{source}: {method}.{k} must be a number >= 0, got {v!r}")
