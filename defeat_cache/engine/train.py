@@ -33,6 +33,7 @@ from ..models.checkpoint import load_weights
 from ..models.forward import detector_forward
 from ..models.sampling import item_seed, samplers_of, seeded_sampling
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
+from ..options import check_device, check_int, check_positive
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet
 from .run_files import Checkpoints, resume, write_config
@@ -73,6 +74,18 @@ class TrainOptions:
     # hold the whole cache decoded in RAM (small caches; pipeline/bench_train.py's in-memory mode,
     # which measures a step without cache I/O and decoding)
     cache_in_memory: bool = False
+
+    def __post_init__(self):
+        ViewSet.parse(self.views)
+        check_int("--batch-size", self.batch_size, 1, "images per process")
+        check_int("--workers", self.workers, 0, "DataLoader worker processes; 0 = load data in the main process")
+        check_int("--log-every", self.log_every, 1, "iterations between metrics lines")
+        check_int("--max-iters", self.max_iters, 1)
+        check_int("--warmup-iters", self.warmup_iters, 0)
+        check_positive("--epochs", self.epochs)
+        check_positive("--schedule", self.schedule, "1 = the 1x schedule of 12 epochs")
+        check_positive("--lr", self.lr)
+        check_device(self.device)
 
 
 def train(opts: TrainOptions) -> dict:
