@@ -36,7 +36,7 @@ from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..options import check_device, check_int, check_positive
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet
-from .run_files import Checkpoints, resume, write_config
+from .run_files import Checkpoints, resume, run_config, write_config
 from .schedule import Optimization, Schedule, build_optimization, plan_schedule
 
 
@@ -115,9 +115,12 @@ def train(opts: TrainOptions) -> dict:
 
     start = time.time()
     checkpoints = Checkpoints(out, spec, data, pre, step, optim, schedule, opts.checkpoint_minutes)
-    iteration = resume(checkpoints.last, spec, schedule, step, optim) if opts.resume else 0
+    config = run_config(asdict(opts), spec, data, pre, schedule)
+    iteration = resume(checkpoints.last, spec, schedule, step, optim, config) if opts.resume else 0
     if iteration >= schedule.total_iters:
         log(f"{out}: training already finished ({iteration} iterations)")
+        if not checkpoints.final.is_file():  # its writing failed (a full disk): last.pt holds the same model
+            checkpoints.save_final(iteration)
         return {"out": str(out), "iterations": iteration, "final": str(checkpoints.final)}
     if du.is_main_process():
         write_config(out / "config.json", asdict(opts), spec, data, pre, schedule)
