@@ -501,9 +501,17 @@ def test_annotations_of_unknown_images_are_counted(tmp_path):
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4]},
             {"id": 4, "image_id": 77, "category_id": 1, "bbox": [2, 3, 5, 4]},
             {"id": 5, "image_id": 78, "category_id": 2, "bbox": [2, 3, 5, 4]}]
-    data = load_dataset(_coco(tmp_path, annotations=anns), "train")
+    toml = _coco(tmp_path, annotations=anns)
+    data = load_dataset(toml, "train")
     summary = data.summary()
     assert "2 annotations whose image_id matches no image (first: annotation id 4, image_id 77)" in summary, summary
+    assert [a["id"] for a in data.coco_gt["annotations"]] == [1]  # nor evaluated
+
+    from click.testing import CliRunner
+    from defeat_cache.cli import main
+
+    r = CliRunner().invoke(main, ["data", "info", str(toml)])
+    assert r.exit_code == 0 and summary in r.stdout.splitlines()
 
 
 @pytest.mark.parametrize("case", ["category_without_id", "annotation_without_image_id", "image_without_file_name",
