@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .options import check_device
 
 
 def init_from_env(device: str) -> torch.device:
     """Joins the process group if started by torchrun; returns this rank's device."""
+    check_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":

@@ -4,7 +4,9 @@ Three things overlap: DataLoader workers decode images and apply views, the main
 runs the teacher, and a writer thread encodes and writes finished shards (bounded queue,
 so the teacher never waits on more than one shard of writing). Work is split by whole
 shards, each written by one process in one assignment; finished shards are marked, so a
-killed run resumes where it stopped and several ranks (torchrun) never share a shard.
+killed run resumes where it stopped and several ranks (torchrun) never share a shard. A
+shard's teacher batches are formed from that shard alone (`shard_batches`), so the cache is
+bit-identical whatever the rank split or resume point.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..data.records import DataError, DetectionData
 from ..models.checkpoint import file_sha256, load_weights
 from ..models.teacher import TeacherOutput, teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
+from ..options import check_device, check_int
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet, view_geometry
 from .codecs import CODECS, get_codec
@@ -62,6 +65,15 @@ class ExtractOptions:
     storage_options: dict | None = None  # fsspec options for a URL `out` (s3://...); never stored
     compact_step: float | None = None  # compact codec: quantisation step / item rms (None: its default)
     basis_items: int = DEFAULT_BASIS_ITEMS  # compact codec: items the per-level bases are fitted on
+
+    def __post_init__(self):
+        ViewSet.parse(self.views)
+        check_int("--proposals", self.proposals, 1, "RPN proposals kept per image")
+        check_int("pre_nms_top_n", self.pre_nms_top_n, 1, "RPN proposals per level before NMS")
+        check_int("--batch-size", self.batch_size, 1, "images per teacher forward")
+        check_int("--workers", self.workers, 0, "DataLoader worker processes; 0 = decode in the main process")
+        check_int("--items-per-shard", self.items_per_shard, 1, "leave it out for ~128 MB shards")
+        check_device(self.device)
 
 
 def codec_options(codec: str, compact_step: float | None) -> dict:
@@ -228,6 +240,15 @@ class _ShardWriterThread:
         self.check()
 
 
+def shard_batches(items: list[int], batch_size: int) -> list[list[int]]:
+    """The teacher batches of one shard: its items in order, `batch_size` at a time, the last
+    batch shorter. Batches never cross a shard boundary, so a shard's bytes depend on the shard
+    alone: which images share a batch sets the padded batch size (hence the anchors, and the
+    kernels picked for that shape) and near-tied NMS scores then keep different proposals. Any
+    rank split, any resume and any re-run form the same batches."""
+    return [items[k:k + batch_size] for k in range(0, len(items), batch_size)]
+
+
 def _prepare_teacher(spec: ModelSpec, checkpoint: str, num_classes: int, device: torch.device):
     teacher = build_detector(spec, num_classes)
     load_weights(teacher, checkpoint, backbone_only=False)
@@ -284,8 +305,9 @@ def extract(opts: ExtractOptions) -> dict:
         + (f", {len(pending)} on this rank" if du.world_size() > 1 else ""))
 
     teacher = get_teacher()
-    order = [i for s in pending for i in writer.shard_items(s)]
-    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=collate,
+    batches = [b for s in pending for b in shard_batches(writer.shard_items(s), opts.batch_size)]
+    order = [i for b in batches for i in b]
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
     bar = progress(len(order), "extract", enabled=opts.progress)

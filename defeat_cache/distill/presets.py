@@ -30,15 +30,46 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def _parse_value(text: str):
-    """TOML literal if it parses (8, 0.5, true, "gt", [..]); otherwise the bare string."""
+def _toml_value(text: str):
+    """The TOML literal `text` (8, 0.5, true, "gt", [..]); a bare word is the string itself."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
 
+def _typed_value(old, text: str, assignment: str):
+    """`text` as a value of the type of the preset value `old` it replaces: TOML's own
+    `true`/`false` and the Python-style `True`/`False` both give a bool (a bare `False`
+    string would be truthy), numbers must be numbers, lists lists. A string key also
+    takes a number: `validate` decides (neck.finest_scale is "auto" or a number)."""
+    what = f"--set {assignment}"
+    if isinstance(old, bool):
+        if text.lower() not in ("true", "false"):
+            raise DataError(f"{what}: expected true or false (the preset's value is {str(old).lower()})")
+        return text.lower() == "true"
+    value = _toml_value(text)
+    if isinstance(old, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DataError(f"{what}: expected an integer (the preset's value is {old})")
+        return value
+    if isinstance(old, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise DataError(f"{what}: expected a number (the preset's value is {old})")
+        return float(value)
+    if isinstance(old, list):
+        if not isinstance(value, list):
+            raise DataError(f"{what}: expected a list like {_toml_list(old)} (TOML syntax, quoted strings)")
+        return value
+    return value
+
+
+def _toml_list(values: list) -> str:
+    return "[" + ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in values) + "]"
+
+
 def apply_override(preset: dict, assignment: str) -> None:
+    """Sets one `SECTION.KEY=VALUE` in `preset`; the key must exist and the value keeps its type."""
     if "=" not in assignment:
         raise DataError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. neck.alpha_bg=8")
     key, value = assignment.split("=", 1)
@@ -52,7 +83,10 @@ def apply_override(preset: dict, assignment: str) -> None:
     if parts[-1] not in node:
         raise DataError(f"--set {assignment!r}: no key {parts[-1]!r} in [{'.'.join(parts[:-1])}] "
                         f"(keys: {', '.join(node)})")
-    node[parts[-1]] = _parse_value(value.strip())
+    if isinstance(node[parts[-1]], dict):
+        raise DataError(f"--set {assignment}: {key.strip()} is a section; set one of its keys "
+                        f"({', '.join(f'{key.strip()}.{k}' for k in node[parts[-1]])})")
+    node[parts[-1]] = _typed_value(node[parts[-1]], value.strip(), assignment)
 
 
 def validate(preset: dict, source: str) -> dict:
@@ -92,6 +126,17 @@ def validate(preset: dict, source: str) -> dict:
         raise DataError(f"{source}: mgd.ratio is the fraction of cells masked, in [0, 1); got {preset['mgd']['ratio']!r}")
     if not isinstance(bb.get("stages"), list):
         raise DataError(f"{source}: backbone.stages must be a list like [\"c3\", \"c4\", \"c5\"]")
+    for sec in ("neck", "cls", "backbone"):
+        if not isinstance(preset[sec].get("enabled"), bool):
+            raise DataError(f"{source}: {sec}.enabled must be true or false, got {preset[sec].get('enabled')!r}")
+    for sec, k in (("cls", "positive_fraction"), ("cls", "fg_iou")):
+        v = preset[sec].get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            raise DataError(f"{source}: {sec}.{k} must be a number in [0, 1], got {v!r}")
+    for sec, k, least in (("cls", "rois_per_image", 0), ("teacher", "proposals", 1), ("teacher", "pre_nms_top_n", 1)):
+        v = preset[sec].get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise DataError(f"{source}: {sec}.{k} must be an integer >= {least}, got {v!r}")
     return preset
 
 
@@ -111,4 +156,4 @@ def load_preset(name: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
         apply_override(preset, o)
     preset["name"] = path.stem
     preset["overrides"] = list(overrides)
-    return validate(preset, str(path))
+    return validate(preset, str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""))
