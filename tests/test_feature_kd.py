@@ -374,3 +374,28 @@ def test_distiller_terms_on_the_preset_levels(tiny_student_toml, tiny_model_toml
     changed = dist.feature_kd_losses(out, teacher, boxes, torch.device("cpu"), seeds)
     assert changed["loss_cwd"] == losses["loss_cwd"]
     assert all(changed[k] != losses[k] for k in ("loss_pkd", "loss_fgd_focal", "loss_fgd_global", "loss_mgd"))
+
+
+def test_feature_kd_modules_are_seeded_apart(tiny_student_toml, tiny_model_toml):
+    """FGD's and MGD's modules come from their own generators: enabling DeFeat's neck, PKD or the
+    other method leaves their initial weights as they were; another seed changes them."""
+    from defeat_cache.distill.compat import TeacherFacts
+    from defeat_cache.distill.distiller import build_distiller
+    from defeat_cache.models.zoo import load_model_spec
+    from defeat_cache.seeding import seeded_init
+
+    student = load_model_spec(str(tiny_student_toml))
+    facts = TeacherFacts.of_spec(load_model_spec(str(tiny_model_toml)))
+
+    def states(seed, *overrides):
+        with seeded_init(seed, "distiller"):
+            d = build_distiller(load_preset("fgd", list(overrides)), student, facts)
+        return {k: v for k, v in d.state_dict().items() if k.startswith(("fgd_", "mgd_", "feature_align"))}
+
+    alone = states(3, "mgd.enabled=true")
+    crowded = states(3, "mgd.enabled=true", "neck.enabled=true", "pkd.enabled=true")
+    assert alone.keys() == crowded.keys() and all(torch.equal(alone[k], crowded[k]) for k in alone)
+    fgd_only = states(3)
+    assert all(torch.equal(v, alone[k]) for k, v in fgd_only.items())
+    other = states(4, "mgd.enabled=true")
+    assert not torch.equal(other["mgd_generators.0.net.0.weight"], alone["mgd_generators.0.net.0.weight"])

@@ -17,6 +17,7 @@ from ..models.forward import DetectorOutput, is_retinanet, roi_class_logits
 from ..models.sampling import ItemSeededSampler, image_generators, seeded_sampling
 from ..models.zoo import ModelSpec
 from ..progress import log
+from ..seeding import seeded_init
 from .compat import TeacherFacts, check_compatible
 from .feature_kd import (FeatureAlign, FGDRelation, MGDGenerator, cwd_loss, fgd_level_sums, fgd_masks, mgd_keep_masks,
                          mgd_level_sum, pkd_loss)
@@ -61,12 +62,19 @@ class Distiller(nn.Module):
             # the finest `levels` FPN levels of each method (0 = all), as the authors' configs pick them
             self.kd_levels = {m: min(preset[m]["levels"] or all_levels, all_levels) for m in self.feature_kd}
             t_ch = list(teacher.feature_channels[:max(self.kd_levels.values())])
-            self.feature_align = FeatureAlign([student.fpn_channels] * len(t_ch), t_ch)
+            # Each group of modules draws from its own generator (defeat_cache.seeding), seeded from the
+            # seed the distiller is built under (torch.initial_seed(): the run's, in training), so that
+            # enabling one part never changes another part's initial weights.
+            base = torch.initial_seed()
+            with seeded_init(base, "feature_align"):
+                self.feature_align = FeatureAlign([student.fpn_channels] * len(t_ch), t_ch)
             if "fgd" in self.feature_kd:  # one GcBlock on the student side and one on the teacher side per level
-                self.fgd_relation_s = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
-                self.fgd_relation_t = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
+                with seeded_init(base, "fgd"):
+                    self.fgd_relation_s = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
+                    self.fgd_relation_t = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
             if "mgd" in self.feature_kd:
-                self.mgd_generators = nn.ModuleList(MGDGenerator(c) for c in t_ch[:self.kd_levels["mgd"]])
+                with seeded_init(base, "mgd"):
+                    self.mgd_generators = nn.ModuleList(MGDGenerator(c) for c in t_ch[:self.kd_levels["mgd"]])
         if self.cls_on:
             rpi = int(cls["rois_per_image"]) or int(student.config.get("roi", {}).get("batch_size_per_image", 512))
             self.kd_sampler = ItemSeededSampler(rpi, float(cls["positive_fraction"]), "kd_rois")
