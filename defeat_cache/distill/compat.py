@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..models.family import FAMILIES, stride_of_level
 from ..models.zoo import ModelSpec
+from .presets import FEATURE_KD_METHODS
 
 # Presets whose RoI-classifier part is dropped, not refused, on a student without an RoI head.
 # `defeat` is the paper's full recipe, and the paper's RetinaNet row is that recipe's neck
@@ -88,7 +89,9 @@ class Compatibility:
     cls: bool
     backbone: bool
     notes: tuple[str, ...] = ()  # parts the preset enables that do not apply here, for the log
-    neck_pairs: tuple[tuple[int, int], ...] = ()  # (student, teacher) FPN level indices (`shared_levels`)
+    feature_kd: tuple[str, ...] = ()  # the other feature-KD methods that run (pkd, cwd, fgd, mgd)
+    # (student, teacher) FPN level indices (`shared_levels`), for the neck and the other feature KD
+    neck_pairs: tuple[tuple[int, int], ...] = ()
 
 
 def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, preset: dict) -> Compatibility:
@@ -98,16 +101,18 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
     name, neck, cls, bb = preset["name"], preset["neck"], preset["cls"], preset["backbone"]
     neck_on = bool(neck["enabled"]) and (neck["alpha_obj"] > 0 or neck["alpha_bg"] > 0)
     cls_on, bb_on = bool(cls["enabled"]), bool(bb["enabled"])
+    feature_kd = tuple(m for m in FEATURE_KD_METHODS if preset.get(m, {}).get("enabled"))
     if teacher.family != student.family:
         raise IncompatibleError([f"teacher is {teacher.family}, student is {student.family}: "
                                  "DeFeat distils within one detector family"])
     problems, notes = [], []
-    pairs = shared_levels(teacher, student) if neck_on else ()
-    if neck_on and not pairs:
+    features_on = neck_on or bool(feature_kd)
+    pairs = shared_levels(teacher, student) if features_on else ()
+    if features_on and not pairs:
         problems.append(f"the teacher's FPN levels {_levels_text(teacher.fpn_levels, teacher.fpn_strides)} and the "
                         f"student's {_levels_text([lv.name for lv in student.fpn_levels], student.strides)} share no "
                         "stride: neck distillation pairs levels by stride")
-    elif neck_on and len(pairs) < max(len(student.fpn_levels), len(teacher.fpn_levels)):
+    elif features_on and len(pairs) < max(len(student.fpn_levels), len(teacher.fpn_levels)):
         paired = ", ".join(f"{student.fpn_levels[s].name}<-{teacher.fpn_levels[t]}" for s, t in pairs)
         unused = [n for t, n in enumerate(teacher.fpn_levels) if t not in {t for _, t in pairs}]
         alone = [lv.name for s, lv in enumerate(student.fpn_levels) if s not in {s for s, _ in pairs}]
@@ -117,7 +122,7 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
     if cls_on and not student.has_roi_head:
         title = student.family_record.title
         with_roi = " or ".join(f.title for f in FAMILIES.values() if f.has_roi_head)
-        if not (neck_on or bb_on):
+        if not (neck_on or bb_on or feature_kd):
             problems.append(f"preset {name}: RoI-classifier KD needs a {with_roi} student ({title} has no "
                             "RoI head); use a preset with neck distillation")
         elif name in CLS_DROPPED_WITHOUT_ROI_HEAD:
@@ -139,7 +144,8 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
                 problems.append(f"backbone.stages {unknown}: the teacher outputs provide only {allowed}")
     if problems:
         raise IncompatibleError(problems)
-    return Compatibility(neck=neck_on, cls=cls_on, backbone=bb_on, notes=tuple(notes), neck_pairs=pairs)
+    return Compatibility(neck=neck_on, cls=cls_on, backbone=bb_on, notes=tuple(notes), feature_kd=feature_kd,
+                         neck_pairs=pairs)
 
 
 def _levels_text(names, strides) -> str:
