@@ -104,3 +104,30 @@ def test_mobilenet_neck_loss_reads_the_teachers_p5_and_p6_only(v2_teacher, batch
         changed = neck(with_level(used, 7.0))
         assert changed["loss_neck_obj"] != reference["loss_neck_obj"]
         assert changed["loss_neck_bg"] != reference["loss_neck_bg"]
+
+
+def test_other_feature_kd_uses_the_same_pairs(v2_teacher, batch):
+    """PKD (distill/feature_kd.py) on a MobileNetV3 student: its finest `levels`
+    are the paired levels, so it imitates the teacher's P5 (twice) and P6, never P2-P4."""
+    t_spec, outs = v2_teacher
+    s_spec = _small("mobilenet_v3_fpn")
+    torch.manual_seed(1)
+    student = build_detector(s_spec, NUM_CLASSES).train()
+    dist = build_distiller(load_preset("pkd", PRESET[1:]), s_spec, TeacherFacts.of_spec(t_spec))
+    assert "pkd" in dist.parts and len(dist.feature_align.convs) == 3
+    images, targets = batch
+    out = detector_forward(student, images, [dict(t) for t in targets])
+    boxes = [t["boxes"] for t in targets]
+
+    def pkd(teacher_outs):
+        with torch.no_grad():
+            return float(dist.feature_kd_losses(out, teacher_outs, boxes, torch.device("cpu"))["loss_pkd"])
+
+    reference = pkd(outs)
+    assert reference > 0
+    p2_changed = [replace(o, features=[f.clone().fill_(3.0) if i == 0 else f for i, f in enumerate(o.features)])
+                  for o in outs]
+    assert pkd(p2_changed) == reference
+    p6_changed = [replace(o, features=[f * torch.linspace(-1, 2, f.shape[-1]) if i == 4 else f
+                                       for i, f in enumerate(o.features)]) for o in outs]
+    assert pkd(p6_changed) != reference
