@@ -54,9 +54,7 @@ def models_cmd():
     for name in list_models():
         spec = load_model_spec(name)
         first = (spec.config.get("description") or "")
-        bb = spec.config["backbone"]
-        click.echo(f"{name:16s} {spec.family:12s} resnet{bb['depth']}"
-                   f"{'/' + str(bb.get('width_divisor')) if bb.get('width_divisor', 1) != 1 else ''}"
+        click.echo(f"{name:16s} {spec.family:12s} {spec.backbone_title}"
                    f" fpn{spec.fpn_channels} input {spec.preprocessing.min_size}/{spec.preprocessing.max_size} {first}")
 
 

@@ -138,6 +138,15 @@ class ModelSpec:
         return self.config["backbone"].get("kind", "resnet")
 
     @property
+    def backbone_title(self) -> str:
+        """For listings: "resnet50", "resnet18/4" (width divisor 4), "mobilenet_v3_large"."""
+        bb = self.config["backbone"]
+        if self.backbone_kind != "resnet":
+            return self.backbone_kind
+        divisor = int(bb.get("width_divisor", 1))
+        return f"resnet{bb['depth']}" + (f"/{divisor}" if divisor != 1 else "")
+
+    @property
     def fpn_channels(self) -> int:
         return int(self.config["backbone"].get("fpn_channels", 256))
 
