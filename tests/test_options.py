@@ -157,3 +157,19 @@ def test_plan_options_refuse_bad_values(bad, expected):
     with pytest.raises(UserError) as e:
         PlanOptions(teacher="r18q_fpn_cpu", checkpoint="t.pt", data="d.toml", **bad)
     assert expected in _one_line(e)
+
+
+def test_cli_set_false_switches_the_part_off(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+    """`--set neck.enabled=False` used to be the string 'False' (truthy): neck KD stayed on."""
+    import json
+
+    from checks import run_metrics
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes), "--out",
+                                  str(run), "--cache", tiny_cache("fp32"), "--max-iters", "1", "--batch-size", "2",
+                                  "--workers", "0", "--log-every", "1", "--set", "neck.enabled=False"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["options"]["distill"]["neck"]["enabled"] is False
+    terms = set(run_metrics(run)[0])
+    assert {"loss_cls_pos", "loss_cls_neg"} <= terms and not {t for t in terms if t.startswith("loss_neck")}
