@@ -14,6 +14,17 @@ PRESET_DIR = CONFIG_DIR / "distill"
 MASK_KINDS = ("gt", "fgfi", "gaussian", "random", "all")
 CLS_MODES = ("decoupled", "all", "sub_negative")
 
+# The feature-KD methods besides DeFeat (docs/method.md#other-feature-kd-methods), one optional
+# section each; a preset without the section gets these values (the authors' Faster R-CNN COCO
+# settings), so `--set pkd.enabled=true` adds a method to any preset.
+FEATURE_KD_DEFAULTS = {  # levels: how many of the finest FPN levels the method distils, 0 = all
+    "pkd": {"enabled": False, "weight": 6.0, "levels": 4},
+    "cwd": {"enabled": False, "weight": 10.0, "tau": 1.0, "levels": 0},
+    "fgd": {"enabled": False, "temp": 0.5, "alpha": 5e-5, "beta": 2.5e-5, "gamma": 5e-5, "lambda": 5e-7, "levels": 4},
+    "mgd": {"enabled": False, "alpha": 5e-7, "ratio": 0.45, "levels": 4},
+}
+FEATURE_KD_METHODS = tuple(FEATURE_KD_DEFAULTS)
+
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
@@ -96,6 +107,23 @@ def validate(preset: dict, source: str) -> dict:
             v = preset[sec].get(k)
             if not isinstance(v, (int, float)) or v < 0:
                 raise DataError(f"{source}: {sec}.{k} must be a number >= 0, got {v!r}")
+    for method, defaults in FEATURE_KD_DEFAULTS.items():
+        section = preset[method]
+        unknown = sorted(set(section) - set(defaults))
+        if unknown:
+            raise DataError(f"{source}: [{method}] has no key {unknown[0]!r} (keys: {', '.join(defaults)})")
+        if not isinstance(section["enabled"], bool):
+            raise DataError(f"{source}: {method}.enabled must be true or false, got {section['enabled']!r}")
+        if isinstance(section["levels"], bool) or not isinstance(section["levels"], int) or section["levels"] < 0:
+            raise DataError(f"{source}: {method}.levels is a count of FPN levels (0 = all), got {section['levels']!r}")
+        for k, v in section.items():
+            if k != "enabled" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise DataError(f"{source}: {method}.{k} must be a number >= 0, got {v!r}")
+    for method, key in (("cwd", "tau"), ("fgd", "temp")):
+        if preset[method][key] <= 0:
+            raise DataError(f"{source}: {method}.{key} must be > 0, got {preset[method][key]!r}")
+    if preset["mgd"]["ratio"] >= 1:
+        raise DataError(f"{source}: mgd.ratio is the fraction of cells masked, in [0, 1); got {preset['mgd']['ratio']!r}")
     if not isinstance(bb.get("stages"), list):
         raise DataError(f"{source}: backbone.stages must be a list like [\"c3\", \"c4\", \"c5\"]")
     for sec in ("neck", "cls", "backbone"):
@@ -120,6 +148,10 @@ def load_preset(name: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
         if not path.is_file():
             raise DataError(f"unknown distillation preset {name!r}; available: {', '.join(list_presets())}")
     preset = copy.deepcopy(read_toml(path, "distillation preset"))
+    for method, defaults in FEATURE_KD_DEFAULTS.items():
+        if not isinstance(preset.get(method, {}), dict):
+            raise DataError(f"{path}: [{method}] must be a section")
+        preset[method] = {**defaults, **preset.get(method, {})}
     for o in overrides:
         apply_override(preset, o)
     preset["name"] = path.stem
