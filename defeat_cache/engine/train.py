@@ -403,12 +403,13 @@ class _Evaluation:
         return record
 
 
-def _percent(value: float) -> str:
-    return "n/a" if value < 0 else f"{100 * value:.1f}"  # pycocotools' -1: no ground truth in that range
+def _percent(value: float | None) -> str:
+    # pycocotools' -1 (or None): no ground truth in that area range
+    return "n/a" if value is None or value < 0 else f"{100 * value:.1f}"
 
 
 def _format_scores(scores: dict) -> str:
-    return " ".join(f"{k} {_percent(v)}" for k, v in scores.items() if isinstance(v, (int, float)))
+    return " ".join(f"{k} {_percent(v)}" for k, v in scores.items() if v is None or isinstance(v, (int, float)))
 
 
 # ---------------------------------------------------------------- the loop
