@@ -74,7 +74,7 @@ def test_eval_every_epoch_writes_metrics_tensorboard_and_best(tmp_path, tiny_mod
     assert [(m["iter"], m["epoch"], m["epochs_done"]) for m in evals] == [(3, 0, 1.0), (6, 1, 2.0)]
     for m in evals:
         assert set(COCO_METRIC_NAMES) <= set(m["eval"]) and m["eval_seconds"] >= 0
-        assert all(-1.0 <= m["eval"][k] <= 1.0 for k in COCO_METRIC_NAMES)
+        assert all(m["eval"][k] is None or 0.0 <= m["eval"][k] <= 1.0 for k in COCO_METRIC_NAMES)
     trained = [m for m in run_metrics(tmp_path) if "eval" not in m]
     assert [m["iter"] for m in trained] == [1, 2, 3, 4, 5, 6]
     times = [m["time"] for m in run_metrics(tmp_path)]
@@ -96,9 +96,9 @@ def test_eval_every_epoch_writes_metrics_tensorboard_and_best(tmp_path, tiny_mod
     events.Reload()
     for name in COCO_METRIC_NAMES:
         scalars = events.Scalars(f"val/{name}") if f"val/{name}" in events.Tags()["scalars"] else []
-        # pycocotools' -1 (no ground truth in that area range) is not plotted
+        # None (no ground truth in that area range) is not plotted
         assert [(e.step, pytest.approx(e.value)) for e in scalars] == \
-            [(m["iter"], m["eval"][name]) for m in evals if m["eval"][name] >= 0]
+            [(m["iter"], m["eval"][name]) for m in evals if m["eval"][name] is not None]
     assert "eval at iteration 3 (epoch 0, shapes/val): AP " in (tmp_path / "train.log").read_text()
 
 
@@ -110,7 +110,7 @@ def test_best_keeps_the_highest_ap_across_a_resume(tmp_path, tiny_model_toml, ti
     def fake_evaluate(model, data, pre, device, **kw):
         assert data.split == "val"
         evaluated_at.append(model.roi_heads.box_predictor.cls_score.weight.sum().item())
-        return {"AP": next(aps), "AP50": 0.9, "APL": -1.0, "eval_seconds": 0.0}
+        return {"AP": next(aps), "AP50": 0.9, "APL": None, "eval_seconds": 0.0}
 
     monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
     opts = dict(max_iters=6, epochs=3, batch_size=4, eval_every=1, keep_epochs=True)
@@ -168,17 +168,17 @@ def test_force_starts_over_and_keeps_what_the_run_did_not_write(tmp_path, tiny_m
 
 @pytest.mark.parametrize("extra, message", [
     (["--max-iters", 0], "--max-iters 0: must be at least 1"),
-    (["--epochs", 0], "--epochs 0.0: must be a number of epochs > 0"),
-    (["--schedule", -1], "--schedule -1.0: must be > 0"),
-    (["--lr", 0], "--lr 0.0: must be > 0"),
-    (["--lr", "nan"], "--lr nan: must be > 0"),
+    (["--epochs", 0], "--epochs 0.0: must be more than 0"),
+    (["--schedule", -1], "--schedule -1.0: must be more than 0"),
+    (["--lr", 0], "--lr 0.0: must be more than 0"),
+    (["--lr", "nan"], "--lr nan: must be more than 0"),
     (["--momentum", 1], "--momentum 1.0: must be in [0, 1)"),
-    (["--weight-decay", -1e-4], "--weight-decay -0.0001: must be >= 0"),
-    (["--warmup-iters", -1], "--warmup-iters -1: must be >= 0"),
+    (["--weight-decay", -1e-4], "--weight-decay -0.0001: must be 0 or more"),
+    (["--warmup-iters", -1], "--warmup-iters -1: must be 0 or more"),
     (["--warmup-factor", 0], "--warmup-factor 0.0: must be in (0, 1]"),
-    (["--grad-clip", -1], "--grad-clip -1.0: must be >= 0 (0 = no clipping)"),
+    (["--grad-clip", -1], "--grad-clip -1.0: must be 0 or more (0 = no clipping)"),
     (["--log-every", 0], "--log-every 0: must be at least 1"),
-    (["--checkpoint-minutes", 0], "--checkpoint-minutes 0.0: must be > 0"),
+    (["--checkpoint-minutes", 0], "--checkpoint-minutes 0.0: must be more than 0"),
     (["--eval-every", 0], "--eval-every 0: must be at least 1"),
     (["--lr-steps", "11,8"], "--lr-steps 11,8: must be increasing epochs > 0"),
     (["--lr-steps", "8,x"], "--lr-steps '8,x': 'x' is not a number"),

@@ -38,11 +38,12 @@ from ..models.checkpoint import load_weights
 from ..models.forward import detector_forward
 from ..models.sampling import item_seed, samplers_of, seeded_sampling
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
+from ..options import check_device, check_int, check_positive
 from ..progress import log, log_file
 from ..seeding import seeded_init
 from ..views import Preprocessing, ViewSet
 from .evaluate import evaluate
-from .run_files import Checkpoints, check_run_dir, clear_run, resume, trim_metrics, write_config
+from .run_files import Checkpoints, check_run_dir, clear_run, resume, run_config, trim_metrics, write_config
 from .run_log import RunClock, RunLog
 from .schedule import Optimization, Schedule, build_optimization, plan_schedule, run_epochs
 
@@ -86,6 +87,19 @@ class TrainOptions:
     # which measures a step without cache I/O and decoding)
     cache_in_memory: bool = False
 
+    def __post_init__(self):
+        ViewSet.parse(self.views)
+        check_int("--batch-size", self.batch_size, 1, "images per process")
+        check_int("--workers", self.workers, 0, "DataLoader worker processes; 0 = load data in the main process")
+        check_int("--log-every", self.log_every, 1, "iterations between metrics lines")
+        check_int("--max-iters", self.max_iters, 1)
+        check_int("--warmup-iters", self.warmup_iters, 0)
+        check_positive("--epochs", self.epochs)
+        check_positive("--schedule", self.schedule, "1 = the 1x schedule of 12 epochs")
+        check_positive("--lr", self.lr)
+        check_device(self.device)
+        _check_sgd_and_run_options(self)
+
 
 def train(opts: TrainOptions) -> dict:
     """Trains and returns a summary dict; writes RUN_DIR/{config.json,metrics.jsonl,train.log,tb/,
@@ -93,7 +107,6 @@ def train(opts: TrainOptions) -> dict:
 
     A stopped run (Ctrl-C / SIGTERM) writes last.pt and its summary has `stopped_by` (the
     signal's name); `stop_exit_code` turns that into the process's exit status."""
-    check_options(opts)
     device = _init_device(opts)
     out = Path(opts.out)
     _check_run_dir(out, opts)
@@ -133,10 +146,13 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, data: DetectionD
     checkpoints = Checkpoints(out, spec, data, pre, step, optim, schedule, opts.checkpoint_minutes, clock)
     iteration, pending_eval = 0, False
     if opts.resume:
-        iteration, run_state = resume(checkpoints.last, spec, schedule, step, optim)
+        config = run_config(asdict(opts), spec, data, pre, schedule)
+        iteration, run_state = resume(checkpoints.last, spec, schedule, step, optim, config)
         clock.before, pending_eval = _continue_run_files(out, iteration, run_state, schedule, opts, checkpoints)
     if iteration >= schedule.total_iters:
         log(f"{out}: training already finished ({iteration} iterations)")
+        if not checkpoints.final.is_file():  # its writing failed (a full disk): last.pt holds the same model
+            checkpoints.save_final(iteration)
         return _summary(out, iteration, schedule, clock, checkpoints, None, None)
     if du.is_main_process():
         write_config(out / "config.json", asdict(opts), spec, data, pre, schedule)
@@ -201,35 +217,22 @@ def _summary(out: Path, iteration: int, schedule: Schedule, clock: RunClock, che
 
 
 # ---------------------------------------------------------------- options and the run folder
-def check_options(opts: TrainOptions) -> None:
-    """One clear error for a value no run can have (named by its command-line flag)."""
+def _check_sgd_and_run_options(opts: TrainOptions) -> None:
+    """TrainOptions' checks beyond the counts and positive numbers (`__post_init__`): one clear
+    error for a value no run can have, named by its command-line flag."""
     def bad(flag: str, value, need: str):
         raise UserError(f"{flag} {value}: {need}")
 
-    if opts.max_iters is not None and opts.max_iters < 1:
-        bad("--max-iters", opts.max_iters, "must be at least 1 (leave it out to train the whole schedule)")
-    if opts.epochs is not None and not (math.isfinite(opts.epochs) and opts.epochs > 0):
-        bad("--epochs", opts.epochs, "must be a number of epochs > 0")
-    if not (math.isfinite(opts.schedule) and opts.schedule > 0):
-        bad("--schedule", opts.schedule, "must be > 0 (1 = the paper's 1x, 12 epochs)")
-    if opts.lr is not None and not (math.isfinite(opts.lr) and opts.lr > 0):
-        bad("--lr", opts.lr, "must be > 0 (leave it out for the model's lr_per_image x the global batch)")
     if not 0 <= opts.momentum < 1:
         bad("--momentum", opts.momentum, "must be in [0, 1)")
     if not (math.isfinite(opts.weight_decay) and opts.weight_decay >= 0):
-        bad("--weight-decay", opts.weight_decay, "must be >= 0")
-    if opts.warmup_iters < 0:
-        bad("--warmup-iters", opts.warmup_iters, "must be >= 0 (0 = no warm-up)")
+        bad("--weight-decay", opts.weight_decay, "must be 0 or more")
     if not 0 < opts.warmup_factor <= 1:
         bad("--warmup-factor", opts.warmup_factor, "must be in (0, 1]: the warm-up's first lr as a fraction of --lr")
     if not (math.isfinite(opts.grad_clip) and opts.grad_clip >= 0):
-        bad("--grad-clip", opts.grad_clip, "must be >= 0 (0 = no clipping)")
-    if opts.log_every < 1:
-        bad("--log-every", opts.log_every, "must be at least 1 (iterations between metrics lines)")
-    if not opts.checkpoint_minutes > 0:
-        bad("--checkpoint-minutes", opts.checkpoint_minutes, "must be > 0")
-    if opts.eval_every is not None and opts.eval_every < 1:
-        bad("--eval-every", opts.eval_every, "must be at least 1 (epochs between evaluations)")
+        bad("--grad-clip", opts.grad_clip, "must be 0 or more (0 = no clipping)")
+    check_positive("--checkpoint-minutes", opts.checkpoint_minutes, "minutes between last.pt rewrites")
+    check_int("--eval-every", opts.eval_every, 1, "epochs between evaluations")
     if opts.lr_steps is not None:
         epochs, steps = run_epochs(opts.epochs, opts.schedule), list(opts.lr_steps)
         shown = ",".join(f"{e:g}" for e in steps)
@@ -409,7 +412,8 @@ class _Evaluation:
             iteration, {"AP": scores["AP"], "iter": iteration, "epoch": epoch, "eval": scores})
         best = self.checkpoints.best_eval
         log(f"eval at iteration {iteration} (epoch {epoch}, {self.val.name}/{self.val.split}): {_format_scores(scores)}"
-            + (f" -> {self.checkpoints.best}" if better else f" (best AP {_percent(best['AP'])} at iteration {best['iter']})"))
+            + (f" -> {self.checkpoints.best}" if better else
+               f" (best AP {_percent(best['AP'])} at iteration {best['iter']})" if best else ""))
         return record
 
 
@@ -514,4 +518,4 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-__all__ = ["STOP_EXIT_CODES", "TrainOptions", "TrainStep", "check_options", "stop_exit_code", "train", "train_one_epoch"]
+__all__ = ["STOP_EXIT_CODES", "TrainOptions", "TrainStep", "stop_exit_code", "train", "train_one_epoch"]
