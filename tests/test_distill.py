@@ -336,7 +336,21 @@ EXPECTED = {  # docs/method.md#logged-loss-terms: the loss names each paper pres
 }
 
 
-@pytest.mark.parametrize("name", list_presets())
+# Presets that differ from another preset in their weights only (other family / CPU-scale values):
+# they train through the same code, so one training run of the base stands for them.
+WEIGHT_VARIANTS = {"pkd_retina": "pkd", "pkd_cpu": "pkd", "cwd_cpu": "cwd", "fgd_retina": "fgd",
+                   "mgd_retina": "mgd", "mgd_cpu": "mgd"}
+
+
+def test_weight_variants_differ_in_weights_only():
+    for variant, base in WEIGHT_VARIANTS.items():
+        a, b = load_preset(variant), load_preset(base)
+        assert a.keys() == b.keys()
+        differ = {(sec, k) for sec in a if isinstance(a[sec], dict) for k in a[sec] if a[sec][k] != b[sec][k]}
+        assert differ and all(isinstance(a[sec][k], float) or k == "levels" for sec, k in differ), (variant, differ)
+
+
+@pytest.mark.parametrize("name", [p for p in list_presets() if p not in WEIGHT_VARIANTS])
 def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
     preset = _preset(name, tiny_cache)
     expected = _expected_kd_terms(preset)
