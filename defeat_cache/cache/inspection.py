@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import storage
+from .arrays import read_shard_done
 
 if TYPE_CHECKING:
     from .reader import TeacherCache
@@ -19,7 +20,7 @@ __all__ = ["inspect_cache"]
 def inspect_cache(cache: "TeacherCache") -> dict:
     A = cache.open_arrays()
     L = cache.layout
-    done = np.asarray(A["shard_done"][:], dtype=bool)
+    done = read_shard_done(A["shard_done"], cache.path)
     items_done = int(sum(len(L.shard_items(int(s))) for s in np.flatnonzero(done)))
     arrays = {}
     total = 0
