@@ -71,7 +71,8 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
         done = np.asarray(A["shard_done"][:], dtype=bool)
     except Exception:
         bad, first = unreadable_markers(A["shard_done"])
-        done = np.array([s not in bad and bool(A["shard_done"][s]) for s in range(L.num_shards)], bool)
+        # a shard with an unreadable marker is still checked: its data may be intact
+        done = np.array([s in bad or bool(A["shard_done"][s]) for s in range(L.num_shards)], bool)
         rep.problems.append(f"shard_done marker of shard {', '.join(map(str, bad))} unreadable ({first}): which "
                             f"shards are complete is unknown; {DAMAGED}")
     for name in L.basis_names():  # side data every shard decodes with
