@@ -41,7 +41,8 @@ def probe_out(path, storage_options: dict | None = None) -> OutState:
     if not names:
         return OutState("new")
     if "zarr.json" not in names:
-        raise NotACacheError(f"{path} is not empty and holds no defeat-cache cache ({_some(names)}); refusing to "
+        what = "already holds objects" if storage.is_url(path) else "is not empty"
+        raise NotACacheError(f"{path} {what} and holds no defeat-cache cache ({_some(names)}); refusing to "
                              f"write there: give a new or empty --out")
     group = storage.open_group(path, "r", storage_options)
     attrs = group.attrs.asdict()
