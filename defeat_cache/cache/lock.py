@@ -8,7 +8,7 @@ refused with a message naming the holder. A lock whose holder is gone (same host
 alive or reused by another process) is stale and is taken over; a holder on another host
 cannot be checked from here, so its lock is only ever removed by the user.
 
-What is guaranteed (docs/design.md, "Extraction lock"):
+What is guaranteed (docs/design.md, "The extraction lock"):
 - local and shared POSIX filesystems (NFS included): taking the lock is atomic. The lock file
   is written whole under a unique temporary name and published with ``os.link``, which fails
   if the name exists (the NFS-safe form of O_CREAT|O_EXCL; a reader never sees a half-written

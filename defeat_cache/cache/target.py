@@ -4,7 +4,7 @@ Extraction writes only into nothing (a new path, an empty folder or prefix), int
 cache (resume), or over its own interrupted creation (a group holding the creation marker
 `CREATING_KEY` and nothing but names the writer creates). Anything else -- a file, a folder
 of other files, a zarr group without our manifest -- is refused with one line and left as it
-is: we never delete what we did not create.
+is: we never delete what we did not create (docs/design.md, invariant 7).
 """
 from __future__ import annotations
 
