@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
@@ -217,6 +216,8 @@ def test_training_on_a_cache_being_written_is_refused_with_the_shard_count(tmp_p
     p, go = _holder(path)
     try:
         assert_one_line_error(run(argv), "still being written by extract", f"pid {p.pid}", "2 of 3 shards done")
+        res = run(["inspect", path])
+        assert res.exit_code == 0 and f"extract.lock: host {socket.gethostname()}, pid {p.pid}" in res.output, res.output
     finally:
         go.set()
         p.join(30)

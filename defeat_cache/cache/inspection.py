@@ -10,6 +10,7 @@ import numpy as np
 
 from . import storage
 from .arrays import read_shard_done
+from .lock import read_lock_holder
 
 if TYPE_CHECKING:
     from .reader import TeacherCache
@@ -74,4 +75,7 @@ def inspect_cache(cache: "TeacherCache") -> dict:
         pass
     if root is not None:
         out["partial_files"] = sum(1 for _ in root.rglob("*.partial"))
+    holder = read_lock_holder(cache.path, cache.storage_options)
+    out["extraction_lock"] = None if holder is None else {
+        "holder": holder.describe(), "stale": holder.is_stale()}
     return out
