@@ -363,7 +363,7 @@ def _extract(opts: ExtractOptions, held: contextlib.ExitStack) -> dict:
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
-    bar = progress(len(order), "extract", enabled=opts.progress)
+    bar = progress(len(order), "extract", unit="item", enabled=opts.progress)  # item = (image, view)
     write_thread = _ShardWriterThread(writer, data)
     buffers: dict[int, dict[int, TeacherOutput]] = {s: {} for s in pending}
     shard_of = {i: s for s in pending for i in writer.shard_items(s)}
