@@ -2,7 +2,8 @@
 # GPU readiness check: every CUDA path of the project checked and timed in one call, each step
 # under its own timeout, one JSON line per step, then a Markdown summary (OUT/summary.md).
 #   bash pipeline/gpu_check.sh [OUT] [--device cuda|cpu] [--dry-run] [--work DIR] [--steps A,B]
-# Default: OUT=out/gpu_check, --device cuda, every step. --dry-run runs the same steps with the
+# Default: OUT=out/gpu_check, --device cuda, every step, WORK (data, checkpoints, caches, runs) a
+# temporary folder removed at the end (give --work to keep it). --dry-run runs the same steps with the
 # CPU-scale models on a few tiny images (the test suite runs `--dry-run --device cpu`);
 # --steps runs only those (e.g. to re-run a failed one; later steps reuse WORK's data and caches).
 # On a bare machine it installs what is missing first (see install() below); it downloads
@@ -21,14 +22,17 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1; shift ;;
     --work) WORK=$2; shift 2 ;;
     --steps) ONLY=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT=$1; shift ;;
   esac
 done
 case $DEVICE in cuda|cpu) ;; *) echo "gpu_check.sh: --device $DEVICE: use cuda or cpu" >&2; exit 2 ;; esac
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-WORK=${WORK:-$OUT/work}
+if [ -z "$WORK" ]; then  # a temporary one, removed at the end (a paper-scale fp16 cache is ~2 GB)
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_work.XXXXXX")
+  trap 'rm -rf "$WORK"' EXIT
+fi
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 ALL=$("$PY" "$REPO/pipeline/gpu_check.py" --list-steps) || exit 1
 steps=$ALL

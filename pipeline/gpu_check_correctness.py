@@ -6,6 +6,7 @@ are module constants, stated once here and shown in every step's JSON line.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_check_setup import Checks, Setup, log, rel_l2, write_json
+from gpu_check_setup import Checks, Setup, rel_l2, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def step_env(setup: Setup) -> tuple[dict, Checks]:
         props = torch.cuda.get_device_properties(setup.device)
         figures.update(gpu=props.name, gpu_memory_GiB=round(props.total_memory / 2**30, 1),
                        capability=f"{props.major}.{props.minor}", gpu_count=torch.cuda.device_count(),
-                       nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
+                       nccl=_nccl_version(),
                        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
                        driver=_nvidia_smi("driver_version"))
@@ -61,6 +62,15 @@ def step_env(setup: Setup) -> tuple[dict, Checks]:
         figures["gpu"] = None
     figures["amp_dtype"] = str(setup.amp_dtype()).replace("torch.", "")
     return figures, checks
+
+
+def _nccl_version() -> str | None:
+    try:
+        import torch.cuda.nccl as nccl
+        v = nccl.version()
+        return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except Exception:  # a torch built without NCCL
+        return None
 
 
 def _git_commit() -> str | None:
@@ -109,8 +119,10 @@ def step_faithfulness(setup: Setup) -> tuple[dict, Checks]:
     cached.load_state_dict(online.state_dict())  # identical student AND adapter weights
     ds_on, ds_c = online_src.dataset(data), cache_src.dataset(data)
     batches = _mixed_batches(ds_on, len(data.records))
+    probe = copy.deepcopy(cached.student.backbone).eval()  # a copy: a train-mode forward would move BN statistics
     with torch.autocast(device.type, enabled=True), torch.no_grad():  # AMP really lowers the precision here
-        seen = next(iter(cached.student.backbone(torch.zeros(1, 3, 64, 64, device=device)).values())).dtype
+        seen = next(iter(probe(torch.zeros(1, 3, 64, 64, device=device)).values())).dtype
+    del probe
     figures: dict = {"batches": batches, "teacher": setup.teacher("small"), "student": spec.name,
                      "codec": "fp32", "amp_dtype": str(seen).replace("torch.", ""), "bounds": FAITHFUL_BOUNDS,
                      "decode_on_device": cache_src.decode_on_device}
@@ -335,5 +347,7 @@ def torchrun_worker(setup: Setup, result: Path) -> None:
     finally:
         train_mod.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(real_convert)
     out["sync_bn"]["sync_bn_layers"] = converted[0] if converted else 0
+    # torch's SyncBatchNorm reduces over ranks only when there are several; NCCL refuses two ranks on one GPU
+    out["sync_bn"]["note"] = "world size 1: the layers run plain batch norm; the cross-rank reduction needs 2 GPUs"
     write_json(result, out)
     du.cleanup()

@@ -97,13 +97,13 @@ def _extract_table(line: dict) -> list[str]:
 
 
 def _train_table(line: dict) -> list[str]:
-    rows = ["| student mode | step s | images/s | peak GPU MB | peak RSS MB | sample s | loader share | DataLoader-bound |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| student mode | step s | images/s | peak GPU MB | sample s | loader share | DataLoader-bound |",
+            "|---|---|---|---|---|---|---|"]
     loader = line.get("dataloader", {})
     for mode, m in line["modes"].items():
         d = loader.get(mode, {})
         rows.append(f"| {mode} | {_g(m['step_s'])} | {_g(m['images_per_s'])} | {_g(m['peak_gpu_MB'])} | "
-                    f"{_g(m['peak_rss_MB'])} | {_g(d.get('sample_s'))} | {_g(d.get('loader_share_of_step'))} | "
+                    f"{_g(d.get('sample_s'))} | {_g(d.get('loader_share_of_step'))} | "
                     f"{'yes' if d.get('dataloader_bound') else 'no' if d else '-'} |")
     r = line["ratios"]
     return [f"{line['student']} student from {line['teacher']}, batch {line['batch_size']}, {line['workers']} workers, "

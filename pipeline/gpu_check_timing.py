@@ -149,7 +149,7 @@ def step_time_train(setup: Setup) -> tuple[dict, Checks]:
         steps = [sizes.train_batch / r["images_per_s"] for r in lines if r["iter"] > sizes.train_warmup and r["images_per_s"] > 0]
         step_s = statistics.median(steps) if steps else float("nan")
         figures["modes"][mode] = {"step_s": round(step_s, 4), "images_per_s": round(sizes.train_batch / step_s, 2),
-                                  "steps_timed": len(steps), "peak_gpu_MB": peak, "peak_rss_MB": res["peak_rss_MB"],
+                                  "steps_timed": len(steps), "peak_gpu_MB": peak,
                                   "wall_s": round(wall, 1), "final_loss": res["final_loss"]}
         checks.true(f"{mode} trained", len(lines) == sizes.train_iters and all(
             r["loss"] == r["loss"] for r in lines), f"{len(lines)} metrics lines")

@@ -8,6 +8,8 @@ CPU (tests/test_distill.py) and pipeline/gpu_check.py on a GPU, with and without
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..data.records import DetectionData
@@ -48,19 +50,24 @@ def losses_and_grads(step: TrainStep, source: TeacherSource, samples: list[dict]
 
 def deviations(ref: tuple[dict, dict], got: tuple[dict, dict]) -> dict[str, float]:
     """Per loss term its relative deviation |got - ref| / |ref|, and `grad_rel_max`: the largest
-    gradient deviation, each tensor's max |got - ref| over its own max |ref|."""
+    gradient deviation, each tensor's max |got - ref| over its own max |ref|. A non-finite value
+    on either side counts as an infinite deviation (a NaN would compare as no deviation)."""
     (ref_losses, ref_grads), (losses, grads) = ref, got
     if set(losses) != set(ref_losses) or set(grads) != set(ref_grads):
         raise ValueError(f"the two steps differ in their terms ({sorted(set(losses) ^ set(ref_losses))}) "
                          f"or trained parameters ({sorted(set(grads) ^ set(ref_grads))[:5]})")
-    out = {name: abs(losses[name] - ref) / max(abs(ref), 1e-12) for name, ref in ref_losses.items()}
+    out = {name: _finite_or_inf(abs(losses[name] - ref) / max(abs(ref), 1e-12)) for name, ref in ref_losses.items()}
     worst = 0.0
     for name, g in ref_grads.items():
         scale = float(g.abs().max())
         err = float((grads[name] - g).abs().max())
-        worst = max(worst, err / scale if scale > 0 else err)
+        worst = max(worst, _finite_or_inf(err / scale if scale > 0 else err))
     out["grad_rel_max"] = worst
     return out
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
 
 
 __all__ = ["build_step", "deviations", "losses_and_grads"]
