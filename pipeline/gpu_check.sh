@@ -51,9 +51,9 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ] && [ "$DEVICE" = cpu ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 
 # Seconds per step. On one GPU they add up to under 8 minutes even if every step ran to its
-# limit (install 75 s, correctness 185 s, timing 180 s, summary 10 s); a CPU dry run gets more.
-declare -A LIMIT_GPU=([install]=75 [env]=20 [faithfulness]=40 [extract_device]=30 [sampling]=20 [codecs]=30
-                      [torchrun]=45 [time_extract]=65 [time_train]=115 [summary]=10)
+# limit (install 60 s, correctness 195 s, timing 185 s, summary 10 s); a CPU dry run gets more.
+declare -A LIMIT_GPU=([install]=60 [env]=20 [faithfulness]=40 [extract_device]=30 [sampling]=20 [codecs]=40
+                      [torchrun]=45 [time_extract]=65 [time_train]=120 [summary]=10)
 declare -A LIMIT_DRY=([install]=300 [env]=60 [faithfulness]=120 [extract_device]=90 [sampling]=60 [codecs]=120
                       [torchrun]=180 [time_extract]=120 [time_train]=180 [summary]=60)
 limit() {
