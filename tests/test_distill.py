@@ -60,7 +60,7 @@ def _preset(name: str, tiny_cache, *overrides):
 
 def _make_step(student_spec, data, preset, **source_args):
     """(TrainStep, teacher source): student, source and distiller built exactly as train() builds
-    them (seed 0 before the student). `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
+    them for run seed 0. `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
     return build_step(student_spec, data, preset, CPU, **source_args)
 
 

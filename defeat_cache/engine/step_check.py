@@ -13,20 +13,18 @@ import math
 import torch
 
 from ..data.records import DetectionData
-from ..distill.distiller import build_distiller
 from ..distill.sources import TeacherSource, build_teacher_source
-from ..models.zoo import ModelSpec, build_detector
-from .train import TrainStep
+from ..models.zoo import ModelSpec
+from .train import TrainStep, initial_distiller, initial_student
 
 
-def build_step(student: ModelSpec, data: DetectionData, preset: dict, device: torch.device,
+def build_step(student: ModelSpec, data: DetectionData, preset: dict, device: torch.device, seed: int = 0,
                **source_args) -> tuple[TrainStep, TeacherSource]:
     """(TrainStep in train mode on `device`, its teacher source), built as `train()` builds them
-    (seed 0 before the student). `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
-    torch.manual_seed(0)
-    model = build_detector(student, data.num_classes)
+    for run seed `seed`. `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
+    model = initial_student(student, data.num_classes, seed)
     source = build_teacher_source(data, student, preset, device, **source_args)
-    distiller = build_distiller(preset, student, source.facts)
+    distiller = initial_distiller(preset, student, source.facts, seed)
     return TrainStep(model, distiller).to(device).train(), source
 
 
