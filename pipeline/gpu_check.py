@@ -64,6 +64,7 @@ def run_step(name: str, device: str, dry_run: bool, out: Path, work: Path) -> bo
             torch.set_num_threads(1)
         from gpu_check_setup import Setup
         setup = Setup(device, dry_run, work)
+        setup.partial_path(name).unlink(missing_ok=True)
         if setup.is_cuda and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
         figures, checks = _step_functions()[name](setup)
@@ -73,6 +74,9 @@ def run_step(name: str, device: str, dry_run: bool, out: Path, work: Path) -> bo
     except Exception as e:  # a broken step is a result too: report it and let the others run
         traceback.print_exc(file=sys.stderr)
         line["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        partial = work / f"partial_{name}.json"  # what a long step measured before it broke
+        if partial.is_file():
+            line["partial"] = json.loads(partial.read_text())
     line["seconds"] = round(time.perf_counter() - t0, 2)
     # "ok" right after "step": what a reader of the log looks for first
     record(out, {"step": line.pop("step"), "ok": line.pop("ok"), "seconds": line.pop("seconds"), **line})

@@ -107,12 +107,15 @@ for step in $steps; do
   s=$(limit "$step")
   echo "[gpu_check] step $step (at most ${s}s)" >&2
   before=$(wc -l <"$OUT/steps.jsonl")
+  rm -f "$WORK/partial_$step.json"
   timeout -k 10 "$s" "$PY" "$REPO/pipeline/gpu_check.py" --step "$step" "${args[@]}"
   rc=$?
+  partial=  # what a long step measured before it was stopped
+  [ -s "$WORK/partial_$step.json" ] && partial="\"partial\": $(cat "$WORK/partial_$step.json")"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    line "$step" false "$(since "$t0")" "\"error\": \"timed out after ${s}s\""
+    line "$step" false "$(since "$t0")" "\"error\": \"timed out after ${s}s\"${partial:+, $partial}"
   elif [ $rc -ne 0 ] && [ "$(wc -l <"$OUT/steps.jsonl")" = "$before" ]; then  # died without its line
-    line "$step" false "$(since "$t0")" "\"error\": \"exit status $rc before the step reported\""
+    line "$step" false "$(since "$t0")" "\"error\": \"exit status $rc before the step reported\"${partial:+, $partial}"
   fi
   [ $rc -eq 0 ] || status=1
 done

@@ -144,6 +144,13 @@ class Setup:
         proposals, pre_nms = self.proposals(which)
         return load_preset(name, [f"teacher.proposals={proposals}", f"teacher.pre_nms_top_n={pre_nms}"])
 
+    # ---- partial results of a long step (kept if the step dies or runs out of time)
+    def partial_path(self, step: str) -> Path:
+        return self.work / f"partial_{step}.json"
+
+    def save_partial(self, step: str, figures: dict) -> None:
+        write_json(self.partial_path(step), figures)
+
     # ---- device helpers (the only CUDA-specific calls of the check)
     def synchronize(self) -> None:
         if self.is_cuda:

@@ -58,6 +58,7 @@ def step_time_extract(setup: Setup) -> tuple[dict, Checks]:
     bare_s, outs = bare_forward(teacher, samples, sizes.extract_batch, proposals, pre_nms, setup.device)
     figures["bare_forward"] = {"seconds": round(bare_s, 3), "items_per_s": round(len(samples) / bare_s, 2),
                                "peak_gpu_MB": setup.peak_memory_mb()}
+    setup.save_partial("time_extract", figures)
     del outs, teacher
     if setup.is_cuda:
         torch.cuda.empty_cache()
@@ -76,6 +77,7 @@ def step_time_extract(setup: Setup) -> tuple[dict, Checks]:
             "items_per_s": round(len(samples) / wall, 2), "overhead_vs_bare": round(wall / bare_s, 3),
             "loop_overhead_vs_bare": round(summary["seconds"] / bare_s, 3) if summary.get("seconds") else None,
             "peak_gpu_MB": setup.peak_memory_mb(), "cache_MB": round(_folder_bytes(out) / 1e6, 1)}
+        setup.save_partial("time_extract", figures)
     figures["method"] = ("bare_forward: teacher_outputs on pre-decoded inputs, one untimed warm-up batch "
                          "(bench_extract.bare_forward); extract_*: the whole extract() call, cold (teacher build, "
                          "DataLoader workers, encoding, writing; compact also fits its basis first); loop_*: "
@@ -153,6 +155,7 @@ def step_time_train(setup: Setup) -> tuple[dict, Checks]:
                                   "wall_s": round(wall, 1), "final_loss": res["final_loss"]}
         checks.true(f"{mode} trained", len(lines) == sizes.train_iters and all(
             r["loss"] == r["loss"] for r in lines), f"{len(lines)} metrics lines")
+        setup.save_partial("time_train", figures)
     m = figures["modes"]
     ratio = lambda a, b: round(m[a]["step_s"] / m[b]["step_s"], 3)  # noqa: E731
     figures["ratios"] = {"cache_vs_online": ratio("cache_fp16", "online"), "cache_vs_plain": ratio("cache_fp16", "plain"),
