@@ -103,15 +103,22 @@ class Setup:
         return (s.small_proposals, s.small_pre_nms) if which == "small" else (s.paper_proposals, s.paper_pre_nms)
 
     def checkpoint(self, which: str) -> Path:
-        """A randomly initialised teacher (seed 0) for the dataset's classes: no weights exist offline,
-        and random weights time the same as trained ones."""
-        from defeat_cache.data.dataset import load_dataset
-        from defeat_cache.models.zoo import build_detector
+        """A randomly initialised teacher (seed 0) for the dataset's classes, its BatchNorm statistics
+        set from two images (bench_common.calibrate_norm_statistics: a deep random ResNet's features
+        overflow float16 otherwise). No weights exist offline, and random weights time as trained ones."""
+        from bench_common import calibrate_norm_statistics
+        from defeat_cache.data.dataset import ViewDataset, load_dataset
+        from defeat_cache.models.zoo import build_detector, load_model_spec
+        from defeat_cache.views import ViewSet
         name = self.teacher(which)
         path = self.work / f"{name}_{which}_random.pt"
         if not path.is_file():
+            data = load_dataset(self.data(which), "train")
             torch.manual_seed(0)
-            model = build_detector(name, load_dataset(self.data(which), "train").num_classes)
+            model = build_detector(name, data.num_classes)
+            views = ViewDataset(data, load_model_spec(name).preprocessing, ViewSet.parse("orig"))
+            calibrate_norm_statistics(model, [views.sample(i, 0)["image"] for i in range(2)], self.device)
+            model.cpu()
             tmp = path.with_suffix(".part")
             torch.save({"model_state": model.state_dict()}, tmp)
             tmp.replace(path)
