@@ -296,12 +296,15 @@ def verify_cmd(cache, storage_option):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.option("--classwise", is_flag=True, help="Also the AP of every class (a table; JSON: per_class).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Write the metrics here (fractions in [0, 1]; null for an area range without ground truth).")
 @_user_errors
-def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, json_out):
-    """COCO bbox AP/AP50/AP75/APS/APM/APL (and VOC07 mAP for VOC) of a trained checkpoint (torchrun: split over ranks)."""
+def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, classwise, json_out):
+    """COCO bbox AP and AR (all 12 numbers; VOC07 mAP for VOC) of a trained checkpoint (torchrun: split over ranks)."""
     from .data.dataset import load_dataset
     from .engine.evaluate import evaluate
+    from .engine.metrics_text import format_classwise, format_metrics
     from .models.checkpoint import load_trained
     from .distributed import init_from_env
     dev = init_from_env(device)
@@ -310,14 +313,28 @@ def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, j
     if int(ck["num_classes"]) != data.num_classes:
         raise click.ClickException(f"{checkpoint}: model has {ck['num_classes']} classes, {data_toml} has "
                                    f"{data.num_classes} (incl. background); evaluate on the dataset it was trained on")
-    metrics = evaluate(net, data, pre, dev, batch_size, workers)
+    metrics = evaluate(net, data, pre, dev, batch_size, workers, classwise=classwise)
     if metrics is None:  # a torchrun rank other than 0: its detections went to rank 0
         return
-    text = json.dumps(metrics, indent=None)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(metrics, indent=2))
-    click.echo(text)
+    click.echo(format_metrics(metrics))
+    if classwise:
+        click.echo(format_classwise(metrics["per_class"]))
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.md, runs.csv, groups.csv, report.json and the PNG plots.")
+@_user_errors
+def report_cmd(runs, out):
+    """Compare training runs: tables (mean ± sd over seeds) and loss/lr/AP plots. RUN_DIR or NAME=RUN_DIR each."""
+    from .report import write_report
+    written = write_report(list(runs), out)
+    click.echo((Path(out) / "report.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,8 @@
-"""Run a detector over a split and score it (COCO bbox AP via pycocotools; VOC07 mAP for VOC).
+"""Run a detector over a split and score it (COCO bbox AP and AR via pycocotools; VOC07 mAP for VOC).
+
+The metrics are a flat dict of named numbers: the twelve of `metrics.COCO_METRIC_NAMES` (None for
+an area range without ground truth), ``VOC07_mAP50`` for VOC data and ``eval_seconds``; with
+``classwise``, also ``per_class``: the AP of every category (`metrics.CocoBoxResult`).
 
 Under torchrun each rank predicts its own stride of the images; rank 0 gathers the
 detections and scores them (the other ranks get None).
@@ -17,7 +21,7 @@ from ..data.dataset import ViewDataset, check_batch, collate
 from ..data.records import DetectionData
 from ..progress import progress
 from ..views import Preprocessing, ViewSet
-from .metrics import coco_bbox_metrics, voc07_map
+from .metrics import coco_bbox_evaluation, voc07_map
 
 
 @torch.no_grad()
@@ -49,14 +53,16 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
     return results
 
 
-def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
+def score(data: DetectionData, predictions: list[dict], classwise: bool = False) -> dict:
+    """The metrics of `predictions` (from `predict`, all images) against `data`'s ground truth."""
     dets = []
     for p in predictions:
         image_id = data.records[p["image_index"]].image_id
         for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
             dets.append({"image_id": image_id, "category_id": data.category_ids[lab - 1],
                          "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": s})
-    metrics = coco_bbox_metrics(data.coco_gt, dets)
+    coco = coco_bbox_evaluation(data.coco_gt, dets)
+    metrics: dict = dict(coco.metrics)
     if data.voc_gt is not None:
         # continuous predicted boxes -> VOC's inclusive pixel convention of the ground truth
         voc_dets = [{"image_id": data.records[p["image_index"]].image_id, "label": lab,
@@ -64,18 +70,21 @@ def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
                     for p in predictions
                     for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist())]
         metrics["VOC07_mAP50"] = voc07_map(data.voc_gt, voc_dets, data.num_classes - 1)["mAP"]
+    if classwise:
+        metrics["per_class"] = coco.per_class
     return metrics
 
 
 def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
-             batch_size: int = 8, workers: int = 2, show_progress: bool = True) -> dict[str, float] | None:
-    """The split's metrics; under torchrun on rank 0 only (None on the other ranks)."""
+             batch_size: int = 8, workers: int = 2, show_progress: bool = True,
+             classwise: bool = False) -> dict | None:
+    """The split's metrics (see the module docstring); under torchrun on rank 0 only (None on the other ranks)."""
     start = time.time()
     predictions = du.gather_to_main(predict(model, data, pre, device, batch_size, workers, show_progress))
     if predictions is None:
         return None
     predictions.sort(key=lambda p: p["image_index"])
-    metrics = score(data, predictions)
+    metrics = score(data, predictions, classwise)
     metrics["eval_seconds"] = round(time.time() - start, 1)
     return metrics
 
