@@ -23,14 +23,14 @@ from defeat_cache.data.dataset import collate, load_dataset
 from defeat_cache.data.records import DataError
 from defeat_cache.distill import distiller as distiller_mod
 from defeat_cache.distill import sources as sources_mod
-from defeat_cache.distill.distiller import build_distiller
 from defeat_cache.distill.presets import list_presets, load_preset
-from defeat_cache.distill.sources import CachedViewDataset, build_teacher_source
+from defeat_cache.distill.sources import CachedViewDataset
 from defeat_cache.engine import train as train_mod
+from defeat_cache.engine.step_check import build_step, losses_and_grads
 from defeat_cache.engine.train import TrainStep, train
 from defeat_cache.errors import UserError
 from defeat_cache.models import zoo
-from defeat_cache.models.zoo import build_detector, load_model_spec
+from defeat_cache.models.zoo import load_model_spec
 
 from builders import TINY_RETINA, shapes_dataset, tiny_extract_options, tiny_train_options, write_model_toml
 from checks import run_metrics
@@ -62,12 +62,8 @@ def _preset(name: str, tiny_cache, *overrides):
 
 def _make_step(student_spec, data, preset, **source_args):
     """(TrainStep, teacher source): student, source and distiller built exactly as train() builds
-    them (seed 0 before the student). `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
-    torch.manual_seed(0)
-    student = build_detector(student_spec, data.num_classes)
-    source = build_teacher_source(data, student_spec, preset, CPU, **source_args)
-    dist = build_distiller(preset, student_spec, source.facts)
-    return TrainStep(student, dist).train(), source
+    them for run seed 0. `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
+    return build_step(student_spec, data, preset, CPU, **source_args)
 
 
 def _pick_batches(ds) -> list[list[tuple[int, int]]]:
@@ -82,14 +78,7 @@ def _pick_batches(ds) -> list[list[tuple[int, int]]]:
 
 
 def _run(step: TrainStep, source, samples: list[dict], seed: int):
-    images = [s["image"] for s in samples]
-    targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
-    step.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    losses = step(images, targets, source.outputs(samples, images))
-    sum(losses.values()).backward()
-    grads = {n: p.grad.detach().clone() for n, p in step.named_parameters() if p.grad is not None}
-    return {k: v.detach().double().item() for k, v in losses.items()}, grads
+    return losses_and_grads(step, source, samples, CPU, seed=seed)
 
 
 def _expected_kd_terms(preset: dict) -> set[str]:
