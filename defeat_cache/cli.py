@@ -276,6 +276,9 @@ def inspect_cmd(cache, as_json, storage_option):
     click.echo(f"views      {','.join(prov.get('views', []))}   codec {m.get('codec')}   schema {m.get('schema_version')}")
     click.echo(f"items      {info['items_done']}/{info['items_total']} done  "
                f"({info['shards_done']}/{info['shards_total']} shards)  complete={m.get('complete')}")
+    lock = info.get("extraction_lock")
+    if lock:
+        click.echo(f"lock       extract.lock: {lock['holder']}" + (" (stale: that process is gone)" if lock["stale"] else ""))
     click.echo(f"size       {info['bytes_total'] / 1e6:.1f} MB total, {(info['bytes_per_item'] or 0) / 1e3:.1f} kB per item "
                f"({(info['feature_bytes_per_item'] or 0) / 1e3:.1f} kB features)")
     kinds = info.get("bytes_per_item_by_kind")
