@@ -216,6 +216,14 @@ def test_report_refusals_and_skips(tmp_path, real_runs, capsys):
     assert "run_link: the same run folder as" in messages and "counted once" in messages
     assert "skipping" in messages and "not_a_run: no config.json" in messages
 
+    # a sweep's parent folder stands for the runs in it (not_a_run and files in it are no runs)
+    _copy_run(real_runs["plain"], tmp_path / "sweep" / "b", 1, 0.2)
+    _copy_run(real_runs["plain"], tmp_path / "sweep" / "a", 0, 0.1)
+    (tmp_path / "sweep" / "not_a_run").mkdir()
+    (tmp_path / "sweep" / "notes.txt").write_text("x")
+    assert [(r.name, r.seed) for r in read_runs([str(tmp_path / "sweep")])] == [("a", 0), ("b", 1)]
+    assert "reading the 2 run folders in it" in capsys.readouterr().err
+
     (run / "metrics.jsonl").write_text('{"iter": 1, "loss": 1.0}\n{"iter": 2, "loss"\n{"iter": 3, "loss": 1.0}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not valid JSON"):
         read_runs([str(run)])
