@@ -35,7 +35,7 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
     loader = DataLoader(dataset, batch_size=batch_size, sampler=mine, collate_fn=collate,
                         num_workers=workers, persistent_workers=False)
     results = []
-    bar = progress(len(dataset), "eval", enabled=show_progress)
+    bar = progress(len(dataset), "eval", unit="img", enabled=show_progress)
     use_amp = device.type == "cuda"
     for batch in loader:
         images = [s["image"].to(device, non_blocking=True) for s in check_batch(batch)]
