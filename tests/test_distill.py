@@ -98,7 +98,7 @@ def _expected_kd_terms(preset: dict) -> set[str]:
     if neck["enabled"] and (neck["alpha_obj"] > 0 or neck["alpha_bg"] > 0):
         out |= {"loss_neck"} if neck["mask"] == "all" else {"loss_neck_obj", "loss_neck_bg"}
     if cls["enabled"]:
-        out |= {"loss_cls_kd"} if cls["mode"] == "all" else {"loss_cls_pos", "loss_cls_neg"}
+        out |= {"loss_cls_kd"} if cls["mode"].startswith("all") else {"loss_cls_pos", "loss_cls_neg"}
     if bb["enabled"]:
         out |= {"loss_backbone"}
     for method, terms in FEATURE_KD_TERMS.items():
@@ -332,10 +332,25 @@ EXPECTED = {  # docs/method.md#logged-loss-terms: the loss names each paper pres
     "defeat_backbone": {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg", "loss_backbone"},
     "pkd": {"loss_pkd"}, "cwd": {"loss_cwd"}, "fgd": {"loss_fgd_focal", "loss_fgd_global"}, "mgd": {"loss_mgd"},
     "pkd_cls_decoupled": {"loss_pkd", "loss_cls_pos", "loss_cls_neg"},
+    "cls_all_subneg": {"loss_cls_kd"}, "mask_gaussian_obj": {"loss_neck_obj", "loss_neck_bg"},
 }
 
 
-@pytest.mark.parametrize("name", list_presets())
+# Presets that differ from another preset in their weights only (other family / CPU-scale values):
+# they train through the same code, so one training run of the base stands for them.
+WEIGHT_VARIANTS = {"pkd_retina": "pkd", "pkd_cpu": "pkd", "cwd_cpu": "cwd", "fgd_retina": "fgd",
+                   "mgd_retina": "mgd", "mgd_cpu": "mgd"}
+
+
+def test_weight_variants_differ_in_weights_only():
+    for variant, base in WEIGHT_VARIANTS.items():
+        a, b = load_preset(variant), load_preset(base)
+        assert a.keys() == b.keys()
+        differ = {(sec, k) for sec in a if isinstance(a[sec], dict) for k in a[sec] if a[sec][k] != b[sec][k]}
+        assert differ and all(isinstance(a[sec][k], float) or k == "levels" for sec, k in differ), (variant, differ)
+
+
+@pytest.mark.parametrize("name", [p for p in list_presets() if p not in WEIGHT_VARIANTS])
 def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
     preset = _preset(name, tiny_cache)
     expected = _expected_kd_terms(preset)
@@ -535,6 +550,52 @@ def test_seeded_kd_sampling_is_per_image(monkeypatch, tiny_cache, student_spec, 
     for rois, s in zip(seen[0], [b, a]):
         pos = box_iou(rois, s["boxes"]).max(dim=1).values >= 0.5
         assert 0 < int(pos.sum()) == int((~pos).sum())
+
+
+@pytest.mark.parametrize("name", ["cls_all_pos", "cls_all_neg", "cls_all_subneg"])
+def test_all_cls_kd_over_one_kind_of_roi(name, monkeypatch, tiny_cache, student_spec, data):
+    """Table 5's all-cls rows over part of the sampled RoIs: the student's head sees only the
+    positives, only the negatives, or the positives and as many negatives (per image), and the
+    term is lam x the mean KL over exactly those RoIs."""
+    from torchvision.ops import box_iou
+
+    from defeat_cache.distill.losses import kl_div_with_temperature
+    from defeat_cache.models.sampling import item_seed
+
+    step, source = _make_step(student_spec, data, _preset(name, tiny_cache), cache=tiny_cache("fp32"))
+    ds = source.dataset(data)
+    seen, real = [], distiller_mod.roi_class_logits
+
+    def recording(student, fpn, rois, sizes):
+        seen.append([r.clone() for r in rois])
+        out = real(student, fpn, rois, sizes)
+        seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(distiller_mod, "roi_class_logits", recording)
+    samples = [ds[(0, 0)], ds[(1, 1)]]
+    targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
+    images = [s["image"] for s in samples]
+    teacher = source.outputs(samples, images)
+    losses = step(images, targets, teacher, [item_seed(0, 0, 0, 0), item_seed(0, 0, 1, 1)])
+    rois, s_logits = seen
+    counts = []
+    t_logits = []
+    for r, s, t in zip(rois, samples, teacher):
+        pos = box_iou(r, s["boxes"]).max(dim=1).values >= 0.5
+        counts.append((int(pos.sum()), int((~pos).sum())))
+        cand = torch.cat([t.proposals, t.gt_boxes])
+        index = box_iou(r, cand).max(dim=1).indices  # each kept RoI is one of the cached candidates
+        t_logits.append(torch.cat([t.proposal_logits, t.gt_logits])[index])
+    if name == "cls_all_pos":
+        assert all(p > 0 and n == 0 for p, n in counts), counts
+    elif name == "cls_all_neg":
+        assert all(p == 0 and n > 0 for p, n in counts), counts
+    else:
+        assert all(0 < p == n for p, n in counts), counts
+    expected = kl_div_with_temperature(s_logits, torch.cat(t_logits), 1.0).mean()
+    assert set(losses) - DET_TERMS == {"loss_cls_kd"}
+    assert losses["loss_cls_kd"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_unreadable_cache_chunk_is_one_clear_error(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
