@@ -288,6 +288,29 @@ def verify_cmd(cache, storage_option):
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("convert")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--from", "source", required=True, type=click.Choice(["mmdet", "detectron2"]),
+              help="Where the checkpoint comes from (mmdetection 2.x/3.x, or detectron2 .pth/.pkl).")
+@click.option("--model", required=True, help="Zoo model to convert for (`defeat-cache models`; the *_mmdet / *_d2 "
+                                              "entries compute as the source does) or a model TOML.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="torchvision-format state dict to write.")
+@click.option("--channels", type=click.Choice(["rgb", "bgr"]), default=None,
+              help="Colour order the source's first convolution expects (default: mmdet rgb unless its config says "
+                   "to_rgb=False; detectron2 bgr). BGR filters are swapped so the result takes RGB.")
+@_user_errors
+def convert_cmd(checkpoint, source, model, out, channels):
+    """Convert an mmdetection or detectron2 Faster R-CNN FPN / RetinaNet checkpoint into a zoo model's weights."""
+    from .models.convert.files import convert_file
+    summary = convert_file(checkpoint, source, model, out, channels=channels)
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    classes = summary["classes"]
+    click.echo(f"wrote {summary['out']}: {summary['tensors']} tensors for {summary['model']}, "
+               f"{summary['num_classes'] - 1} classes + background"
+               + (f" ({', '.join(classes)})" if classes else ""))
+
+
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False))

@@ -59,8 +59,18 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
     `layer1.` ... and `fc.`; a detector has `backbone.`. Returns what was loaded. Any key or
     shape mismatch is a one-line UserError naming the keys, never a silent partial load.
     """
-    state = _state_dict_of(read_checkpoint(path))
+    if Path(path).suffix == ".pkl":  # detectron2's model zoo: a pickle of numpy arrays, read as arrays only
+        from .convert import read_pickle_weights
+        state = _state_dict_of(read_pickle_weights(Path(path)))
+    else:
+        state = _state_dict_of(read_checkpoint(path))
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    source = None if backbone_only else foreign_source(state)
+    if source:  # mmdetection / detectron2 names and layouts -> this model's (models/convert)
+        from .convert import convert_state
+        from .family import family_of
+        state = convert_state(state, source, model.state_dict(), family_of(model).name, what="this model").state
+        backbone_only = False
     if backbone_only is None:
         backbone_only = not any(k.startswith("backbone.") for k in state)
     if backbone_only:
@@ -87,7 +97,13 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
         kind = "ImageNet backbone" if backbone_only else "detector"
         raise UserError(f"{path}: does not fit this model as {kind} weights; " + "; ".join(parts))
     model.load_state_dict(state, strict=False)  # completeness was checked above
-    return "backbone" if backbone_only else "detector"
+    return "backbone" if backbone_only else (f"{source} detector" if source else "detector")
+
+
+def foreign_source(state: dict) -> str | None:
+    """'mmdet' / 'detectron2' when a state dict has their key names (models/convert), else None."""
+    from .convert import recognise
+    return recognise(state)
 
 
 def save_checkpoint(path: str | Path, **payload) -> None:
