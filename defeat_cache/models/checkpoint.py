@@ -115,14 +115,20 @@ def save_checkpoint(path: str | Path, **payload) -> None:
 
 
 def trained_model_payload(spec: ModelSpec, num_classes: int, class_names: list[str], pre: Preprocessing,
-                          iteration: int, model_state: dict) -> dict:
-    """What `load_trained` (and `eval`) need to rebuild a trained model: the whole of final.pt."""
+                          iteration: int, model_state: dict, category_ids: list[int] | None = None) -> dict:
+    """What `load_trained` (and `eval`, `export`, `predict`) need to rebuild a trained model: the
+    whole of final.pt. `category_ids`: the dataset's id of each class (label i -> category_ids[i - 1])."""
     return dict(model=spec_dict(spec), num_classes=num_classes, class_names=class_names,
+                category_ids=list(category_ids) if category_ids is not None else None,
                 preprocessing=pre.to_dict(), iteration=iteration, model_state=model_state, version=__version__)
 
 
 def load_trained(checkpoint: str | Path, model_name: str | None = None, device: str | torch.device = "cpu"):
-    """(model, preprocessing, checkpoint dict) from a checkpoint written by training."""
+    """(model, preprocessing, checkpoint dict) from a checkpoint written by training.
+
+    The model takes raw images and preprocesses them itself (models.detector.ImageTransform);
+    evaluation gives it views through models.detector.view_inputs. Every other checkpoint form:
+    models.detector.load_detector."""
     ck = read_checkpoint(checkpoint)
     if "model_state" in ck:
         m = ck["model"]
@@ -133,6 +139,8 @@ def load_trained(checkpoint: str | Path, model_name: str | None = None, device: 
                          preprocessing=Preprocessing.from_dict(ck["preprocessing"]))
         model = build_detector(spec, int(ck["num_classes"]))
         model.load_state_dict(ck["model_state"])
+        from .detector import ImageTransform
+        model.transform = ImageTransform(spec.preprocessing)
         return model.to(device), Preprocessing.from_dict(ck["preprocessing"]), ck
     raise UserError(f"{checkpoint}: not a defeat-cache training checkpoint (no 'model_state'); "
                     "use --init-weights to start training from foreign weights")
