@@ -11,7 +11,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ...errors import UserError
