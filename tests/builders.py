@@ -154,8 +154,11 @@ def tiny_extract_options(teacher: str | Path, checkpoint: str | Path, data: str 
     return ExtractOptions(**{**options, **overrides})
 
 
-#: Items a shard of the multi-process extraction tests (12 images x 2 views -> 12 shards).
-CLI_ITEMS_PER_SHARD = 2
+#: Shards and teacher batches of the multi-process extraction tests: 12 images (64..96 px) x 2 views
+#: -> 5 shards of 5 items (the last 4), teacher batches of 3: a shard's last batch is short, and a
+#: batch that crossed a shard boundary would mix images of different sizes (another padded shape).
+CLI_ITEMS_PER_SHARD = 5
+CLI_BATCH_SIZE = 3
 
 
 def cli_extract_argv(teacher, checkpoint, data, out) -> list[str]:
@@ -163,13 +166,14 @@ def cli_extract_argv(teacher, checkpoint, data, out) -> list[str]:
     is the same extraction in one process."""
     return ["extract", "--teacher", str(teacher), "--checkpoint", str(checkpoint), "--data", str(data),
             "--out", str(out), "--codec", "fp32", "--proposals", str(TINY_PROPOSALS),
-            "--items-per-shard", str(CLI_ITEMS_PER_SHARD), "--batch-size", "1", "--workers", "0"]
+            "--items-per-shard", str(CLI_ITEMS_PER_SHARD), "--batch-size", str(CLI_BATCH_SIZE), "--workers", "0"]
 
 
 def cli_extract_options(teacher, checkpoint, data, out, /, **overrides) -> ExtractOptions:
     """The extraction of `cli_extract_argv` as ExtractOptions (the CLI's pre_nms_top_n)."""
     return tiny_extract_options(teacher, checkpoint, data, out, **{
-        "pre_nms_top_n": DEFAULT_PRE_NMS, "items_per_shard": CLI_ITEMS_PER_SHARD, **overrides})
+        "pre_nms_top_n": DEFAULT_PRE_NMS, "items_per_shard": CLI_ITEMS_PER_SHARD, "batch_size": CLI_BATCH_SIZE,
+        **overrides})
 
 
 def tiny_train_options(student: str | Path, data: str | Path, out: str | Path, /, **overrides) -> TrainOptions:

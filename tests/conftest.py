@@ -101,8 +101,8 @@ def tiny_retina_checkpoint(tmp_path_factory, tiny_retina_toml, tiny_shapes) -> P
 @pytest.fixture(scope="session")
 def reference_cache(tmp_path_factory, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes) -> str:
     """One-process extraction of ``builders.cli_extract_argv`` (fp32, the CLI's defaults but
-    --proposals 20 --items-per-shard 2 --batch-size 1): what the torchrun extraction tests compare
-    their caches with."""
+    --proposals 20 --items-per-shard 5 --batch-size 3): what the torchrun extraction tests compare
+    their caches with, bit for bit."""
     from defeat_cache.cache.extract import extract
 
     out = tmp_path_factory.mktemp("ref") / "one_process.zarr"

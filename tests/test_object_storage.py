@@ -156,4 +156,4 @@ def test_two_rank_extraction_to_s3(s3, reference_cache, tiny_model_toml, tiny_te
     summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
     assert summary["complete"] and summary["items"] == 24 and summary["ranks"] == 2
     assert_same_caches(zarr.open_group(url, mode="r", storage_options=options),
-                       zarr.open_group(reference_cache, mode="r"), atol=1e-5)
+                       zarr.open_group(reference_cache, mode="r"), atol=0)

@@ -4,7 +4,9 @@ Three things overlap: DataLoader workers decode images and apply views, the main
 runs the teacher, and a writer thread encodes and writes finished shards (bounded queue,
 so the teacher never waits on more than one shard of writing). Work is split by whole
 shards, each written by one process in one assignment; finished shards are marked, so a
-killed run resumes where it stopped and several ranks (torchrun) never share a shard.
+killed run resumes where it stopped and several ranks (torchrun) never share a shard. A
+shard's teacher batches are formed from that shard alone (`shard_batches`), so the cache is
+bit-identical whatever the rank split or resume point.
 """
 
 from __future__ import annotations
@@ -228,6 +230,15 @@ class _ShardWriterThread:
         self.check()
 
 
+def shard_batches(items: list[int], batch_size: int) -> list[list[int]]:
+    """The teacher batches of one shard: its items in order, `batch_size` at a time, the last
+    batch shorter. Batches never cross a shard boundary, so a shard's bytes depend on the shard
+    alone: which images share a batch sets the padded batch size (hence the anchors, and the
+    kernels picked for that shape) and near-tied NMS scores then keep different proposals. Any
+    rank split, any resume and any re-run form the same batches."""
+    return [items[k:k + batch_size] for k in range(0, len(items), batch_size)]
+
+
 def _prepare_teacher(spec: ModelSpec, checkpoint: str, num_classes: int, device: torch.device):
     teacher = build_detector(spec, num_classes)
     load_weights(teacher, checkpoint, backbone_only=False)
@@ -284,8 +295,9 @@ def extract(opts: ExtractOptions) -> dict:
         + (f", {len(pending)} on this rank" if du.world_size() > 1 else ""))
 
     teacher = get_teacher()
-    order = [i for s in pending for i in writer.shard_items(s)]
-    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=order, collate_fn=collate,
+    batches = [b for s in pending for b in shard_batches(writer.shard_items(s), opts.batch_size)]
+    order = [i for b in batches for i in b]
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
     bar = progress(len(order), "extract", enabled=opts.progress)

@@ -34,6 +34,7 @@ from ..models.forward import detector_forward
 from ..models.sampling import item_seed, samplers_of, seeded_sampling
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..progress import log, progress
+from ..seeding import seeded_init
 from ..views import Preprocessing, ViewSet
 from .run_files import Checkpoints, resume, write_config
 from .schedule import Optimization, Schedule, build_optimization, plan_schedule
@@ -84,11 +85,12 @@ def train(opts: TrainOptions) -> dict:
     spec = load_model_spec(opts.student)
     log(data.summary())
 
-    # The initial weights depend on the seed alone: student first, then (online) the teacher, then the adapters.
     _set_seed(opts.seed)
-    model = _build_student(opts, spec, data.num_classes)
+    # Each initialisation draws from its own generator (seeding.py): the order things are built
+    # in (an online teacher or not) changes nothing.
+    model = initial_student(spec, data.num_classes, opts.seed, opts.init_weights)
     source = _build_teacher_source(opts, spec, data, device)  # None: plain training
-    distiller = build_distiller(opts.distill, spec, source.facts) if source is not None else None
+    distiller = initial_distiller(opts.distill, spec, source.facts, opts.seed) if source is not None else None
     pre, views, dataset = _training_data(opts, spec, data, source)
     step, step_fn = _build_train_step(opts, model, distiller, device)
 
@@ -150,11 +152,19 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_student(opts: TrainOptions, spec: ModelSpec, num_classes: int) -> nn.Module:
-    model = build_detector(spec, num_classes)
-    if opts.init_weights:
-        log(f"initialised {load_weights(model, opts.init_weights)} weights from {opts.init_weights}")
+def initial_student(spec: ModelSpec, num_classes: int, seed: int, init_weights: str | None = None) -> nn.Module:
+    """The student a run of `seed` starts from: its own initialisation, then `init_weights` if given."""
+    with seeded_init(seed, "student"):
+        model = build_detector(spec, num_classes)
+    if init_weights:
+        log(f"initialised {load_weights(model, init_weights)} weights from {init_weights}")
     return model
+
+
+def initial_distiller(preset: dict, spec: ModelSpec, teacher_facts, seed: int) -> Distiller:
+    """The distiller (adaptation layers and any other KD module) a run of `seed` starts from."""
+    with seeded_init(seed, "distiller"):
+        return build_distiller(preset, spec, teacher_facts)
 
 
 def _build_teacher_source(opts: TrainOptions, spec: ModelSpec, data: DetectionData,
