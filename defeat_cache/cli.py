@@ -370,27 +370,45 @@ def predict_cmd(checkpoint, images, out, draw, model, data_toml, split, score_th
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the metrics here.")
+@click.option("--classwise", is_flag=True, help="Also the AP of every class (a table; JSON: per_class).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Write the metrics here (fractions in [0, 1]; null for an area range without ground truth).")
 @click.option("--detections", "detections_out", default=None, type=click.Path(dir_okay=False),
               help="Write the detections here: COCO results JSON with the dataset's own category ids.")
 @_user_errors
-def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, json_out, detections_out):
-    """COCO bbox AP/AP50/AP75/APS/APM/APL (and VOC07 mAP for VOC) of a checkpoint (torchrun: split over ranks)."""
+def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, classwise, json_out, detections_out):
+    """COCO bbox AP and AR (all 12 numbers; VOC07 mAP for VOC) of a checkpoint (torchrun: split over ranks)."""
     from .data.dataset import load_dataset
     from .distributed import init_from_env
     from .engine.evaluate import evaluate
+    from .engine.metrics_text import format_classwise, format_metrics
     from .models.detector import load_detector
     dev = init_from_env(device)
     data = load_dataset(data_toml, split)
     net = load_detector(checkpoint, model, data, dev)
-    metrics = evaluate(net, data, net.info.preprocessing, dev, batch_size, workers, detections_path=detections_out)
+    metrics = evaluate(net, data, net.info.preprocessing, dev, batch_size, workers, classwise=classwise,
+                       detections_path=detections_out)
     if metrics is None:  # a torchrun rank other than 0: its detections went to rank 0
         return
-    text = json.dumps(metrics, indent=None)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(metrics, indent=2))
-    click.echo(text)
+    click.echo(format_metrics(metrics))
+    if classwise:
+        click.echo(format_classwise(metrics["per_class"]))
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.md, runs.csv, groups.csv, report.json and the PNG plots.")
+@_user_errors
+def report_cmd(runs, out):
+    """Compare training runs: tables (mean ± sd over seeds) and loss/lr/AP plots. RUN_DIR or NAME=RUN_DIR each."""
+    from .report import write_report
+    written = write_report(list(runs), out)
+    click.echo((Path(out) / "report.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .options import check_device
 
 
 def init_from_env(device: str) -> torch.device:
     """Joins the process group if started by torchrun; returns this rank's device."""
+    check_device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
@@ -93,6 +95,30 @@ def batch_normaliser(count: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:
     c = c.clone()
     dist.all_reduce(c)
     return c.clamp(min=minimum) / world_size()
+
+
+class _GlobalSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient: every rank's inputs get
+    the gradient of the sum of all ranks' losses through the statistic they share."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """A batch statistic's sum over the global batch, differentiable (PKD's channel means and
+    variances). With `batch_normaliser` for the loss's own count, DDP's averaged gradient is
+    the single-process gradient of the global batch. Alone: `x`."""
+    return _GlobalSum.apply(x) if is_dist() else x
 
 
 def gather_to_main(items: list) -> list | None:

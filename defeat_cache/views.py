@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 # Names of the views a cache can hold; index order is the cache's view order.
 VIEW_NAMES = ("orig", "hflip")
 
@@ -115,10 +117,16 @@ class ViewSet:
 
     @classmethod
     def parse(cls, text: str) -> "ViewSet":
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        names = tuple(n.strip() for n in str(text).split(",") if n.strip())
+        known = ", ".join(VIEW_NAMES)
         bad = [n for n in names if n not in VIEW_NAMES]
-        if not names or bad or len(set(names)) != len(names):
-            raise ValueError(f"--views: expected a comma list of distinct {VIEW_NAMES}, got {text!r}")
+        if bad:
+            raise UserError(f"--views {text!r}: unknown view {bad[0]!r}; the views are {known} (comma-separated)")
+        twice = [n for n in names if names.count(n) > 1]
+        if twice:
+            raise UserError(f"--views {text!r}: view {twice[0]!r} given twice; give each of {known} at most once")
+        if not names:
+            raise UserError(f"--views {text!r}: no view given; the views are {known} (comma-separated)")
         return cls(names)
 
     def flip(self, index: int) -> bool:

@@ -2,7 +2,8 @@
 # AP per codec: DeFeat students from the quickstart's fp16 cache and from compact caches at
 # several steps, seeds 0-2 each, all from the quickstart's ONE teacher (run pipeline/quickstart.sh
 # OUT_DIR first). Resumable: every step is skipped when its output exists. Writes
-# OUT_DIR/codecs.{json,md} (pipeline/codec_table.py).
+# OUT_DIR/codecs.{json,md} (pipeline/codec_table.py: AP and cache sizes) and OUT_DIR/codecs_report/
+# (`defeat-cache report`: the runs grouped by codec, loss curves).
 # usage: bash pipeline/codec_seeds.sh [OUT_DIR] [STEP ...]      (default steps: 2 3)
 set -euo pipefail
 OUT=${1:-out/quickstart}
@@ -35,3 +36,6 @@ for step in $STEPS; do
 done
 [ -f "$OUT/inspect_fp16.json" ] || defeat-cache inspect "$OUT/cache.zarr" --json > "$OUT/inspect_fp16.json"
 python "$here/codec_table.py" "$OUT" $STEPS
+runs=("$OUT"/seeds/defeat-seed*)
+for step in $STEPS; do runs+=("$OUT/compact$step"/defeat-seed*); done
+defeat-cache report "${runs[@]}" --out "$OUT/codecs_report"  # the same runs grouped by codec, and their curves

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU quickstart on the built-in synthetic dataset (about 20 minutes on 2 cores):
-#   data -> teacher r18_fpn_cpu -> ONE cache -> plain student and DeFeat student -> table.
+#   data -> teacher r18_fpn_cpu -> ONE cache -> plain student and DeFeat student -> report.
 # Every step is skipped when its output exists, so re-running resumes where it stopped.
 # usage: bash pipeline/quickstart.sh [OUT_DIR]
 set -euo pipefail
@@ -11,7 +11,6 @@ TEACHER_EPOCHS=${QUICKSTART_TEACHER_EPOCHS:-4}
 EPOCHS=${QUICKSTART_EPOCHS:-1.5}
 SEED=${QUICKSTART_SEED:-0}
 mkdir -p "$OUT"
-here=$(cd "$(dirname "$0")" && pwd)
 
 step() { echo; echo "=== $* ==="; }
 
@@ -46,4 +45,5 @@ step "5/5 DeFeat student r18q_fpn_cpu from the cache"
 # defeat_cpu = the paper's recipe with neck weights scaled to these small models (docs/results.md)
 train defeat r18q_fpn_cpu "$EPOCHS" --cache "$OUT/cache.zarr" --distill defeat_cpu
 
-python "$here/results_table.py" "$OUT" teacher="$OUT/teacher" student="$OUT/student" defeat="$OUT/defeat"
+# the table (OUT/report/report.md, runs.csv) and the loss curves (OUT/report/losses.png) of the three runs
+defeat-cache report "$OUT/teacher" "$OUT/student" "$OUT/defeat" --out "$OUT/report"

@@ -12,7 +12,7 @@ Steps, each skipped when its output exists, so re-running the same command resum
   1. extract  -> CACHE (skipped when `defeat-cache inspect --json CACHE` says complete)
   2. train    -> OUT/runs/ROW/final.pt, one per row (`--resume` continues a killed run)
   3. eval     -> OUT/runs/ROW/eval.json, one per row (one process on one GPU; node 0 only)
-  4. tables   -> OUT/results.md (pipeline/results_table.py) and OUT/paper_vs_ours.md
+  4. tables   -> OUT/report/ (`defeat-cache report`: report.md, runs.csv, plots) and OUT/paper_vs_ours.md
 With --gpus > 1 or --nnodes > 1, extract and train run under torchrun. Multi-node runs need
 OUT (and the cache) on a filesystem every node sees; start the same command on every node.
 
@@ -37,10 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # recipe_toml.py, next to this script
 from recipe_toml import REPO, Recipe, RecipeError, Row, list_recipes, load_recipe, recipe_path  # noqa: E402
 
-RESULTS_TABLE = HERE / "results_table.py"
-
 PAPER_GLOBAL_BATCH = 32  # 8 GPUs x 4 images: the batch the recipes' lr_batch32 is given for
-ROW_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")  # a folder name, and no '=' (results_table)
+ROW_NAME = re.compile(r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")  # a folder name, and no '=' (report's NAME=RUN_DIR)
 IMAGENET_KINDS = ("r50", "r50q")  # row key `imagenet` -> option --imagenet-KIND
 
 
@@ -238,9 +236,10 @@ def plan(recipe: Recipe, args) -> list[Step]:
                                        "--data", data, "--split", recipe.eval_split, "--device", "cuda",
                                        "--workers", str(args.workers), "--json", str(out / "eval.json")],
                               str(out / "eval.json"), row))
-        table = [sys.executable, str(RESULTS_TABLE), args.out]
+        report = Path(args.out) / "report"
+        table = [sys.executable, "-m", "defeat_cache", "report", "--out", str(report)]
         table += [f"{row.name}={run_dir(args, row)}" for row in recipe.rows]
-        steps.append(Step("table", table, str(Path(args.out) / "results.md")))
+        steps.append(Step("table", table, str(report / "report.md")))
     return steps
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from defeat_cache.data.coco import load_coco
 from defeat_cache.data.dataset import load_dataset, read_image
@@ -401,6 +402,21 @@ def test_voc_unparseable_annotation(tmp_path):
     _assert_one_line_naming(e, root / "Annotations" / "a.xml")
 
 
+def test_voc_non_finite_box_dropped_and_non_number_refused(tmp_path):
+    root = _voc_tree(tmp_path / "VOC", {"a": (20, 20, [_voc_object("dog", ("nan", 2, 10, 10)),
+                                                        _voc_object("cat", (3, 3, 9, 9))])})
+    toml = tmp_path / "voc.toml"
+    toml.write_text('format = "voc"\n[train]\nroot = "VOC"\nimage_set = "trainval"\n')
+    data = load_dataset(toml, "train")
+    assert data.records[0].labels.tolist() == [8]  # the cat only
+    assert data.dropped == {"boxes with non-finite values": 1}
+    xml = root / "Annotations" / "a.xml"
+    xml.write_text(xml.read_text().replace("<xmin>3</xmin>", "<xmin>three</xmin>"))
+    with pytest.raises(DataError) as e:
+        load_dataset(toml, "train")
+    assert "<bndbox><xmin> must be a number, got 'three'" in _assert_one_line_naming(e, xml)
+
+
 # ------------------------------------------------------------------------------------------------
 # fingerprint
 # ------------------------------------------------------------------------------------------------
@@ -439,3 +455,177 @@ def test_fingerprint_of_tiny_shapes_is_deterministic(tiny_shapes):
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != load_dataset(tiny_shapes, "val").fingerprint()
     assert len(a.records) == 12 and a.num_classes == 9
+
+
+# ------------------------------------------------------------------------------------------------
+# silently wrong data: refused or dropped and reported, never trained on as something else
+# ------------------------------------------------------------------------------------------------
+
+def _write_coco_text(tmp_path: Path, text: str) -> Path:
+    """Like `_coco`, but the annotation JSON is given as text (so it can hold NaN / Infinity)."""
+    toml = _coco(tmp_path)
+    (tmp_path / "ds" / "annotations" / "ann.json").write_text(text)
+    return toml
+
+
+def test_non_finite_boxes_are_dropped_and_reported(tmp_path):
+    images = ('[{"id": 1, "file_name": "a.png", "width": 20, "height": 10},'
+              ' {"id": 2, "file_name": "b.png", "width": 16, "height": 12}]')
+    anns = ('[{"id": 7, "image_id": 2, "category_id": 1, "bbox": [NaN, 4, 3, 3]},'
+            ' {"id": 8, "image_id": 1, "category_id": 2, "bbox": [1, 2, Infinity, 3]},'
+            ' {"id": 9, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4]}]')
+    toml = _write_coco_text(tmp_path, f'{{"images": {images}, "annotations": {anns}, '
+                                      '"categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}')
+    data = load_dataset(toml, "train")
+    a, b = data.records
+    np.testing.assert_array_equal(a.boxes, [[2, 3, 7, 7]])  # only the finite box
+    assert len(b.boxes) == 0  # NaN did not become a full-width box
+    summary = data.summary()
+    assert "2 boxes with non-finite values (first: image id 2, annotation id 7)" in summary, summary
+    assert "\n" not in summary
+
+
+def test_duplicate_image_ids_are_refused_naming_them(tmp_path):
+    ds = tmp_path / "ds"
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        write_png(ds / "imgs" / name, 20, 10)
+    images = [{"id": i, "file_name": f, "width": 20, "height": 10}
+              for i, f in ((3, "a.png"), (5, "b.png"), (3, "c.png"), (5, "d.png"))]
+    with pytest.raises(DataError) as e:
+        load_dataset(_coco(tmp_path, images=images), "train")
+    msg = _assert_one_line_naming(e, ds / "annotations" / "ann.json")
+    assert "duplicate image ids" in msg and "3, 5" in msg
+
+
+def test_annotations_of_unknown_images_are_counted(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4]},
+            {"id": 4, "image_id": 77, "category_id": 1, "bbox": [2, 3, 5, 4]},
+            {"id": 5, "image_id": 78, "category_id": 2, "bbox": [2, 3, 5, 4]}]
+    toml = _coco(tmp_path, annotations=anns)
+    data = load_dataset(toml, "train")
+    summary = data.summary()
+    assert "2 annotations whose image_id matches no image (first: annotation id 4, image_id 77)" in summary, summary
+    assert [a["id"] for a in data.coco_gt["annotations"]] == [1]  # nor evaluated
+
+    from click.testing import CliRunner
+    from defeat_cache.cli import main
+
+    r = CliRunner().invoke(main, ["data", "info", str(toml)])
+    assert r.exit_code == 0 and summary in r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("case", ["category_without_id", "annotation_without_image_id", "image_without_file_name",
+                                  "image_without_id", "bbox_of_strings", "bbox_not_a_list"])
+def test_coco_field_errors_are_one_line_naming_the_field(tmp_path, case):
+    images = annotations = categories = None
+    if case == "category_without_id":
+        categories, field = [{"id": 1, "name": "cat"}, {"name": "dog"}], "categories[1]"
+    elif case == "annotation_without_image_id":
+        annotations, field = [{"id": 3, "category_id": 1, "bbox": [2, 3, 5, 4]}], "annotations[0] (id 3)"
+    elif case in ("image_without_file_name", "image_without_id"):
+        write_png(tmp_path / "ds" / "imgs" / "a.png", 20, 10)
+        image = {"id": 4, "width": 20, "height": 10} if case == "image_without_file_name" else \
+            {"file_name": "a.png", "width": 20, "height": 10}
+        images, field = [image], "images[0]"
+    elif case == "bbox_of_strings":
+        annotations = [{"id": 3, "image_id": 1, "category_id": 1, "bbox": ["2", "3", "a", "4"]}]
+        field = "annotations[0] (id 3)"
+    else:
+        annotations, field = [{"id": 3, "image_id": 1, "category_id": 1, "bbox": "2,3,5,4"}], "annotations[0] (id 3)"
+    toml = _coco(tmp_path, images=images, annotations=annotations, categories=categories)
+    with pytest.raises(DataError) as e:
+        load_dataset(toml, "train")
+    msg = _assert_one_line_naming(e, tmp_path / "ds" / "annotations" / "ann.json")
+    assert field in msg, msg
+    key = {"category_without_id": "'id'", "annotation_without_image_id": "'image_id'",
+           "image_without_file_name": "'file_name'", "image_without_id": "'id'"}.get(case, "bbox")
+    assert key in msg, msg
+
+
+@pytest.mark.parametrize("line, key", [("annotations = 5", "annotations"), ('images = ["a", "b"]', "images")])
+def test_toml_wrong_value_type_is_one_line(tmp_path, line, key):
+    toml = tmp_path / "data.toml"
+    rest = 'images = "imgs"' if key == "annotations" else 'annotations = "a.json"'
+    toml.write_text(f"[train]\n{line}\n{rest}\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(toml, "train")
+    msg = _assert_one_line_naming(e, toml)
+    assert f"[train] {key}" in msg and "path" in msg, msg
+
+
+def test_toml_not_utf8_is_one_line(tmp_path):
+    toml = tmp_path / "data.toml"
+    toml.write_bytes('name = "caf\u00e9"\n[train]\nannotations = "a.json"\n'.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        load_dataset(toml, "train")
+    assert "UTF-8" in _assert_one_line_naming(e, toml)
+
+
+def _png16(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG (grey [H, W] or RGB [H, W, 3] uint16), written by hand: PIL writes no 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["grey16", "rgb16"])
+def test_read_image_scales_16_bit_pngs(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    shape = (10, 20) if kind == "grey16" else (10, 20, 3)
+    pixels = rng.integers(0, 65536, size=shape, dtype=np.uint16)
+    _png16(tmp_path / "ds" / "imgs" / "a.png", pixels)
+    images = [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}]
+    data = load_dataset(_coco(tmp_path, images=images), "train")
+    image = read_image(data.records[0]).numpy().transpose(1, 2, 0).astype(np.int64)
+    expected = pixels.astype(np.int64) * 255 / 65535
+    if kind == "grey16":
+        expected = np.repeat(expected[..., None], 3, axis=2)
+    assert image.shape == (10, 20, 3)
+    assert np.abs(image - expected).max() <= 1.0  # scaled, not saturated at 255
+    assert (image == 255).mean() < 0.05
+
+
+@pytest.mark.parametrize("mode", ["P", "LA", "CMYK", "RGBA", "I;16"])
+def test_read_image_other_modes_give_8_bit_rgb(tmp_path, mode):
+    from PIL import Image
+
+    rgb = Image.new("RGB", (20, 10), (200, 100, 50))
+    if mode == "P":
+        im = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    elif mode == "I;16":
+        im = Image.fromarray(np.full((10, 20), 100 * 257, np.uint16))
+    else:
+        im = rgb.convert(mode)
+    path = tmp_path / "ds" / "imgs" / ("a.tif" if mode == "CMYK" else "a.png")
+    path.parent.mkdir(parents=True)
+    im.save(path)
+    images = [{"id": 1, "file_name": path.name, "width": 20, "height": 10}]
+    image = read_image(load_dataset(_coco(tmp_path, images=images), "train").records[0])
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 10, 20)
+    grey = rgb.convert("L").getpixel((0, 0))
+    want = {"I;16": [100] * 3, "LA": [grey] * 3}.get(mode, [200, 100, 50])
+    assert np.abs(image[:, 0, 0].numpy().astype(int) - want).max() <= 2
+
+
+def test_read_image_refuses_float_images(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "ds" / "imgs" / "a.tif"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.full((10, 20), 0.5, np.float32)).save(path)
+    images = [{"id": 1, "file_name": "a.tif", "width": 20, "height": 10}]
+    record = load_dataset(_coco(tmp_path, images=images), "train").records[0]
+    with pytest.raises(DataError) as e:
+        read_image(record)
+    assert "mode F" in _assert_one_line_naming(e, record.file)

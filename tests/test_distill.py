@@ -38,8 +38,10 @@ from checks import run_metrics
 CPU = torch.device("cpu")
 NECK_TERMS = ("loss_neck_obj", "loss_neck_bg", "loss_neck")
 DET_TERMS = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+FEATURE_KD_TERMS = {"pkd": {"loss_pkd"}, "cwd": {"loss_cwd"}, "fgd": {"loss_fgd_focal", "loss_fgd_global"},
+                    "mgd": {"loss_mgd"}}
 KD_TERMS = {"loss_neck_obj", "loss_neck_bg", "loss_neck", "loss_cls_pos", "loss_cls_neg", "loss_cls_kd",
-            "loss_backbone"}
+            "loss_backbone"}.union(*FEATURE_KD_TERMS.values())
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -99,6 +101,9 @@ def _expected_kd_terms(preset: dict) -> set[str]:
         out |= {"loss_cls_kd"} if cls["mode"] == "all" else {"loss_cls_pos", "loss_cls_neg"}
     if bb["enabled"]:
         out |= {"loss_backbone"}
+    for method, terms in FEATURE_KD_TERMS.items():
+        if preset[method]["enabled"]:
+            out |= terms
     return out
 
 
@@ -137,7 +142,7 @@ CODEC_TOL = {"fp32": (1e-5, 1e-6), "fp16": (1e-3, 1e-2), "int8": (1e-2, 5e-2)}
 def _compare(step, source, ds, reference, codec: str, label: str) -> dict:
     preset, batches, state, results = reference
     neck_tol, grad_tol = CODEC_TOL[codec]
-    feature_terms = NECK_TERMS + ("loss_backbone",)
+    feature_terms = NECK_TERMS + ("loss_backbone",) + tuple(sorted(KD_TERMS - {"loss_cls_pos", "loss_cls_neg", "loss_cls_kd"}))
     report = {}
     for k, (keys, (online_samples, ref_losses, ref_grads)) in enumerate(zip(batches, results)):
         samples = [ds[key] for key in keys]
@@ -155,6 +160,9 @@ def _compare(step, source, ds, reference, codec: str, label: str) -> dict:
             assert any(n.startswith("distiller.neck_adapters") for n in grads)
         if preset["backbone"]["enabled"]:
             assert any(n.startswith("distiller.backbone_adapters") for n in grads)
+        for method, module in (("fgd", "distiller.fgd_relation_t"), ("mgd", "distiller.mgd_generators")):
+            if preset[method]["enabled"]:  # its learned modules train
+                assert any(n.startswith(module) for n in grads), method
         worst = 0.0
         for name, g in ref_grads.items():
             scale = float(g.abs().max())
@@ -186,10 +194,12 @@ def test_cache_step_equals_online_step(codec, tiny_cache, online_reference, stud
         assert all(v <= 1e-6 for v in report.values()), report
 
 
-@pytest.mark.parametrize("name", ["defeat_backbone", "mask_random", "mask_fgfi", "cls_subneg", "neck_decoupled_cls_all"])
+@pytest.mark.parametrize("name", ["defeat_backbone", "mask_random", "mask_fgfi", "cls_subneg", "neck_decoupled_cls_all",
+                                  "pkd_cls_decoupled", "cwd", "fgd", "mgd"])
 def test_cache_step_equals_online_step_other_presets(name, tiny_cache, online_reference, student_spec, data):
     """fp32 cache, presets whose terms use other cached arrays (backbone stages) or the RNG
-    (random mask, negative subsampling) or the student's anchors (FG-Mask)."""
+    (random mask, negative subsampling, MGD's masks) or the student's anchors (FG-Mask), and the
+    other feature-KD methods (docs/method.md#other-feature-kd-methods)."""
     reference = online_reference(name)
     preset, _, state, _ = reference
     step, source = _make_step(student_spec, data, preset,
@@ -320,6 +330,8 @@ EXPECTED = {  # docs/method.md#logged-loss-terms: the loss names each paper pres
     "cls_all": {"loss_cls_kd"},
     "neck_decoupled_cls_all": {"loss_neck_obj", "loss_neck_bg", "loss_cls_kd"},
     "defeat_backbone": {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg", "loss_backbone"},
+    "pkd": {"loss_pkd"}, "cwd": {"loss_cwd"}, "fgd": {"loss_fgd_focal", "loss_fgd_global"}, "mgd": {"loss_mgd"},
+    "pkd_cls_decoupled": {"loss_pkd", "loss_cls_pos", "loss_cls_neg"},
 }
 
 
@@ -444,6 +456,17 @@ def test_retinanet_student_from_retinanet_cache(tmp_path, retina_cache, retina_s
                              distill=load_preset("defeat_backbone", ["cls.enabled=false"]), cache=retina_cache))
     line = run_metrics(run_bb)[0]
     assert {"loss_neck_obj", "loss_neck_bg", "loss_backbone"} <= set(line) and math.isfinite(line["loss_backbone"])
+
+    # the other feature-KD methods, all at once, on a 16-channel student of a 32-channel teacher (1x1 aligners)
+    run_kd = tmp_path / "run_kd"
+    train(tiny_train_options(retina_student_toml, tiny_shapes, run_kd, max_iters=1, cache=retina_cache,
+                             distill=load_preset("fgd_retina", ["pkd.enabled=true", "cwd.enabled=true",
+                                                                "mgd.enabled=true"])))
+    line = run_metrics(run_kd)[0]
+    kd = {"loss_pkd", "loss_cwd", "loss_fgd_focal", "loss_fgd_global", "loss_mgd"}
+    assert kd <= set(line) and all(math.isfinite(line[k]) and line[k] > 0 for k in kd), line
+    state = torch.load(run_kd / "last.pt", map_location="cpu", weights_only=True)["train_state"]
+    assert tuple(state["distiller.feature_align.convs.0.weight"].shape) == (32, 16, 1, 1)
 
     with pytest.raises(IncompatibleError, match="RoI"):  # a cls-only preset cannot apply to RetinaNet
         train(tiny_train_options(retina_student_toml, tiny_shapes, tmp_path / "run2",

@@ -26,10 +26,6 @@ def _invoke(args):
     return r
 
 
-def _printed_metrics(output: str) -> dict:
-    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
-
-
 def _same_detections(a: dict, b: dict, atol: float = 1e-3):
     assert len(a["boxes"]) == len(b["boxes"]) > 0
     order_a, order_b = a["scores"].argsort(descending=True), b["scores"].argsort(descending=True)
@@ -145,20 +141,21 @@ def test_predict_and_eval_write_coco_results(tmp_path, tiny_trained_checkpoint, 
 
     # eval: the same detections from every checkpoint form, written with the dataset's ids
     r = _invoke(["eval", "--checkpoint", tiny_trained_checkpoint, "--data", data_toml, "--workers", 0,
-                 "--detections", tmp_path / "eval_dets.json"])
+                 "--detections", tmp_path / "eval_dets.json", "--json", tmp_path / "metrics.json"])
     assert r.exit_code == 0, r.output
     eval_dets = json.loads((tmp_path / "eval_dets.json").read_text())
     assert len(gt.loadRes(json.loads((tmp_path / "eval_dets.json").read_text())).getAnnIds()) == len(eval_dets) > 0
     assert {d["category_id"] for d in eval_dets} <= set(data.category_ids)
-    metrics = _printed_metrics(r.stdout)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     ck = torch.load(tiny_trained_checkpoint, weights_only=True)
     torch.save({"state_dict": ck["model_state"]}, tmp_path / "wrapped.pth")  # lightning/mmdet-style wrapper
     assert _invoke(["export", tiny_trained_checkpoint, "--out", tmp_path / "student.pth"]).exit_code == 0
     for form in (["--checkpoint", tmp_path / "wrapped.pth", "--model", tiny_model_toml],
                  ["--checkpoint", tmp_path / "student.pth"]):
-        r = _invoke(["eval", *form, "--data", data_toml, "--workers", 0, "--detections", tmp_path / "again.json"])
+        r = _invoke(["eval", *form, "--data", data_toml, "--workers", 0, "--detections", tmp_path / "again.json",
+                     "--json", tmp_path / "again_metrics.json"])
         assert r.exit_code == 0, r.output
-        assert _printed_metrics(r.stdout)["AP"] == metrics["AP"]
+        assert json.loads((tmp_path / "again_metrics.json").read_text())["AP"] == metrics["AP"]
         assert json.loads((tmp_path / "again.json").read_text()) == eval_dets
     r = _invoke(["eval", "--checkpoint", tmp_path / "wrapped.pth", "--data", data_toml])
     assert r.exit_code == 1 and "give --model NAME" in r.output

@@ -7,7 +7,8 @@ import copy
 import numpy as np
 import pytest
 
-from defeat_cache.engine.metrics import COCO_METRIC_NAMES, coco_bbox_metrics, voc07_map
+from defeat_cache.engine.metrics import COCO_METRIC_NAMES, coco_bbox_evaluation, coco_bbox_metrics, voc07_map
+from defeat_cache.engine.metrics_text import format_classwise, format_metrics, percent
 
 # --------------------------------------------------------------------------------------
 # COCO helpers
@@ -64,14 +65,18 @@ def test_coco_hand_computed_tp_then_fp():
     #   r in {0.00, ..., 0.50}: 51 thresholds -> precision 1
     #   r in {0.51, ..., 1.00}: 50 thresholds -> recall never reaches r -> 0
     # AP50 = 51 / 101. The match has IoU 1, so every threshold 0.5..0.95 gives the same,
-    # hence AP = AP75 = 51/101 too; both GTs are medium so APM equals it, APS = APL = -1.
+    # hence AP = AP75 = 51/101 too; both GTs are medium so APM equals it; pycocotools' -1 for
+    # the empty small and large ranges is None (APS = APL = ARS = ARL).
+    # Recall: one of the two GTs is found at every IoU threshold, at the first detection:
+    # AR1 = AR10 = AR100 = ARM = 1/2.
     expected = 51 / 101
     assert m["AP50"] == pytest.approx(expected, abs=1e-9)
     assert m["AP"] == pytest.approx(expected, abs=1e-9)
     assert m["AP75"] == pytest.approx(expected, abs=1e-9)
     assert m["APM"] == pytest.approx(expected, abs=1e-9)
-    assert m["APS"] == -1.0
-    assert m["APL"] == -1.0
+    for name in ("AR1", "AR10", "AR100", "ARM"):
+        assert m[name] == pytest.approx(0.5), name
+    assert m["APS"] is None and m["APL"] is None and m["ARS"] is None and m["ARL"] is None
 
 
 def test_coco_hand_computed_fp_then_tp():
@@ -86,10 +91,11 @@ def test_coco_hand_computed_fp_then_tp():
 def test_coco_perfect_detection_is_one():
     gt = _coco([_ann(1, GT_A), _ann(2, GT_B)])
     m = coco_bbox_metrics(gt, [_det(GT_A, 0.9), _det(GT_B, 0.7)])
-    for key in ("AP", "AP50", "AP75", "APM"):
+    for key in ("AP", "AP50", "AP75", "APM", "AR10", "AR100", "ARM"):
         assert m[key] == pytest.approx(1.0)
-    assert set(m) == set(COCO_METRIC_NAMES)
-    assert all(isinstance(v, float) for v in m.values())
+    assert m["AR1"] == pytest.approx(0.5)  # both GTs are in one image: 1 detection per image finds one
+    assert list(m) == list(COCO_METRIC_NAMES)
+    assert all(isinstance(m[k], float) for k in COCO_METRIC_NAMES if k not in ("APS", "APL", "ARS", "ARL"))
 
 
 def test_coco_shifted_box_iou_0_6():
@@ -102,7 +108,7 @@ def test_coco_shifted_box_iou_0_6():
     # Matched at 0.5 and 0.55, unmatched from 0.65 up (0.6 is a float tie) -> 2 or 3 of 10.
     assert m["AP"] in (pytest.approx(0.2), pytest.approx(0.3))
     assert m["APL"] == m["AP"]  # 100x100 = 10000 px^2 is "large"
-    assert m["APS"] == -1.0 and m["APM"] == -1.0
+    assert m["APS"] is None and m["APM"] is None
 
 
 def test_coco_small_box_only_buckets_and_missing_area_iscrowd():
@@ -112,8 +118,8 @@ def test_coco_small_box_only_buckets_and_missing_area_iscrowd():
     m = coco_bbox_metrics(gt, [_det([5.0, 5.0, 10.0, 10.0], 0.5)])
     assert m["APS"] == pytest.approx(1.0)
     assert m["AP"] == pytest.approx(1.0)
-    assert m["APM"] == -1.0
-    assert m["APL"] == -1.0
+    assert m["APM"] is None
+    assert m["APL"] is None
     assert gt == before  # filling happened on a copy
 
 
@@ -155,10 +161,43 @@ def test_coco_multiple_images_and_numpy_inputs():
     assert coco_bbox_metrics(gt, dets)["AP"] == pytest.approx(1.0)
 
 
-def test_coco_empty_detections_all_zero():
-    gt = _coco([_ann(1, GT_A)])
+def test_coco_empty_detections_zero_where_there_is_ground_truth():
+    gt = _coco([_ann(1, GT_A)])  # one medium box
     m = coco_bbox_metrics(gt, [])
-    assert m == {k: 0.0 for k in COCO_METRIC_NAMES}
+    undefined = {"APS", "APL", "ARS", "ARL"}
+    assert m == {k: None if k in undefined else 0.0 for k in COCO_METRIC_NAMES}
+
+
+def test_coco_per_class_ap_non_contiguous_ids_and_a_class_without_ground_truth():
+    # categories 3 (two GTs, one found: AP 51/101), 7 (no GT, but a detection) and 42 (one GT, found: 1)
+    gt = _coco([_ann(1, GT_A, cat=3), _ann(2, GT_B, cat=3), _ann(3, [300.0, 100.0, 60.0, 40.0], cat=42)],
+               categories=(42, 3, 7))
+    gt["categories"] = [{"id": 42, "name": "star"}, {"id": 3, "name": "ring"}, {"id": 7, "name": "ghost"}]
+    dets = [_det(GT_A, 0.9, cat=3), _det([400.0, 300.0, 50.0, 50.0], 0.8, cat=3),
+            _det([10.0, 300.0, 30.0, 30.0], 0.7, cat=7), _det([300.0, 100.0, 60.0, 40.0], 0.6, cat=42)]
+    result = coco_bbox_evaluation(gt, dets)
+    assert [(c["category_id"], c["name"]) for c in result.per_class] == [(3, "ring"), (7, "ghost"), (42, "star")]
+    ap = {c["category_id"]: c["AP"] for c in result.per_class}
+    assert ap[3] == pytest.approx(51 / 101) and ap[42] == pytest.approx(1.0) and ap[7] is None
+    # COCO's AP is the mean over the classes with ground truth: the per-class numbers add up to it
+    assert result.metrics["AP"] == pytest.approx((ap[3] + ap[42]) / 2)
+    table = format_classwise(result.per_class)
+    row = {line.split()[1]: line.split() for line in table.splitlines()[2:] if len(line.split()) == 3}
+    assert row["ghost"] == ["7", "ghost", "n/a"] and row["star"] == ["42", "star", "100.00"]
+    assert row["ring"] == ["3", "ring", f"{100 * 51 / 101:.2f}"]
+    assert "1 of 3 classes have no ground truth" in table
+
+
+def test_coco_numbers_as_text_say_n_a_never_minus_100():
+    gt = _coco([_ann(1, GT_A)])
+    m = coco_bbox_metrics(gt, [_det(GT_A, 0.9)])
+    text = format_metrics({**m, "eval_seconds": 1.5})
+    lines = {line.split()[0]: line for line in text.splitlines()[1:-1]}
+    assert list(lines) == list(COCO_METRIC_NAMES)
+    assert lines["APL"].split()[1] == "n/a" and "no ground truth" in lines["APL"]
+    assert lines["AP"].split()[1] == "100.00"
+    assert "-1" not in text and "-100" not in text
+    assert percent(None) == percent(-1.0) == "n/a" and percent(0.1234) == "12.34"
 
 
 def test_coco_inputs_not_mutated_and_nothing_printed(capsys):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from defeat_cache.engine.metrics import COCO_METRIC_NAMES
+
 PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 RECIPES = sorted(p.stem for p in (PIPELINE / "recipes").glob("*.toml"))
 
@@ -37,12 +39,12 @@ def dry_run(capsys, recipe: str, *extra: str) -> tuple[int, list[list[str]], str
 
 
 def subcommand(argv: list[str]) -> str:
-    """extract/train/eval for defeat-cache commands (plain or torchrun), 'table' for results_table."""
+    """extract/train/eval for defeat-cache commands (plain or torchrun), 'table' for the report."""
     if argv[0] == "defeat-cache":
         return argv[1]
     if argv[0] == "torchrun":
         return argv[argv.index("defeat_cache") + 1]
-    assert argv[1].endswith("results_table.py"), argv
+    assert argv[1:4] == ["-m", "defeat_cache", "report"], argv
     return "table"
 
 
@@ -215,14 +217,21 @@ def test_real_run_skips_finished_steps(capsys, monkeypatch, tmp_path):
         if kind == "extract":
             complete.add(option(argv, "--out"))
         elif kind == "train":
-            Path(option(argv, "--out")).mkdir(parents=True, exist_ok=True)
-            (Path(option(argv, "--out")) / "final.pt").write_bytes(b"")
+            run = Path(option(argv, "--out"))
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "final.pt").write_bytes(b"")
+            options = {"student": option(argv, "--student"), "seed": 0, "distill": None}
+            if "--distill" in argv:
+                options.update(cache=option(argv, "--cache"), distill={"name": option(argv, "--distill")})
+            (run / "config.json").write_text(json.dumps({"options": options, "model": {"name": options["student"]}}))
         elif kind == "eval":
             ap = 0.33 if "defeat" in option(argv, "--json") else 0.29
-            metrics = dict.fromkeys(["AP", "AP50", "AP75", "APS", "APM", "APL"], ap)
+            metrics = dict.fromkeys(COCO_METRIC_NAMES, ap)
             Path(option(argv, "--json")).write_text(json.dumps(metrics))
-        else:
-            return recipes.subprocess.run(argv, capture_output=True).returncode
+        else:  # the report, in this process (a subprocess would import torch again)
+            assert kind == "table"
+            from defeat_cache.cli import main as cli
+            cli(argv[3:], standalone_mode=False)
         return 0
 
     monkeypatch.setattr(recipes, "run_command", fake_run)
@@ -231,7 +240,9 @@ def test_real_run_skips_finished_steps(capsys, monkeypatch, tmp_path):
     assert recipes.main(args) == 0
     assert ran == ["extract", "train", "train", "eval", "eval", "table"]
     out = tmp_path / "out"
-    assert (out / "results.md").is_file()
+    report = (out / "report" / "report.md").read_text()
+    assert "| defeat | r50q_fpn | ? | defeat | ? |" in report  # run, student, teacher, preset, codec (no cache here)
+    assert "| 33.00 |" in report and "| 29.00 |" in report
     table = (out / "paper_vs_ours.md").read_text()
     assert "| defeat | r50q_fpn | defeat | 33.00 | 33.00 | +0.0 | +3.9 | +4.0 |" in table
 

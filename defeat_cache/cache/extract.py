@@ -30,6 +30,7 @@ from ..data.records import DataError, DetectionData
 from ..models.checkpoint import file_sha256, load_weights
 from ..models.teacher import TeacherOutput, teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
+from ..options import check_device, check_int
 from ..progress import log, progress
 from ..views import Preprocessing, ViewSet, view_geometry
 from .codecs import CODECS, get_codec
@@ -64,6 +65,15 @@ class ExtractOptions:
     storage_options: dict | None = None  # fsspec options for a URL `out` (s3://...); never stored
     compact_step: float | None = None  # compact codec: quantisation step / item rms (None: its default)
     basis_items: int = DEFAULT_BASIS_ITEMS  # compact codec: items the per-level bases are fitted on
+
+    def __post_init__(self):
+        ViewSet.parse(self.views)
+        check_int("--proposals", self.proposals, 1, "RPN proposals kept per image")
+        check_int("pre_nms_top_n", self.pre_nms_top_n, 1, "RPN proposals per level before NMS")
+        check_int("--batch-size", self.batch_size, 1, "images per teacher forward")
+        check_int("--workers", self.workers, 0, "DataLoader worker processes; 0 = decode in the main process")
+        check_int("--items-per-shard", self.items_per_shard, 1, "leave it out for ~128 MB shards")
+        check_device(self.device)
 
 
 def codec_options(codec: str, compact_step: float | None) -> dict:

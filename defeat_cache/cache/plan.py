@@ -24,6 +24,7 @@ from ..data.records import DataError
 from ..models.checkpoint import file_sha256
 from ..models.teacher import teacher_outputs
 from ..models.zoo import load_model_spec
+from ..options import check_device, check_int
 from ..views import ViewSet
 from .codecs import CODECS, get_codec
 from .extract import (DEFAULT_BASIS_ITEMS, ExtractOptions, _prepare_teacher, bases_of_outputs, basis_sample, cache_record,
@@ -55,6 +56,14 @@ class PlanOptions:
     amp: bool = False
     ranks: int = 1  # for the extraction time estimate
     out: str | None = None  # where the cache would go: only its filesystem's free space is read
+
+    def __post_init__(self):
+        ViewSet.parse(self.views)
+        check_int("--proposals", self.proposals, 1, "RPN proposals kept per image")
+        check_int("--sample", self.sample_images, 1, "images the teacher runs on")
+        check_int("--batch-size", self.batch_size, 1, "images per teacher forward")
+        check_int("--ranks", self.ranks, 1)
+        check_device(self.device)
 
 
 def _free_bytes(out: str | None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -32,22 +33,121 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _entry(path: Path, items: list, key: str, i: int) -> dict:
+    """`items[i]` of the COCO list `key`, which must be a JSON object."""
+    obj = items[i]
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: {key}[{i}] is a {type(obj).__name__}, not a JSON object; "
+                        "is it a COCO annotation file?")
+    return obj
+
+
+def _where(key: str, i: int, obj: dict) -> str:
+    """How an error names an entry: its list position, and its id where it has one."""
+    return f"{key}[{i}]" + (f" (id {obj['id']})" if "id" in obj else "")
+
+
+def _integer_field(path: Path, key: str, i: int, obj: dict, name: str, what: str) -> int:
+    if name not in obj:
+        raise DataError(f"{path}: {_where(key, i, obj)} has no '{name}'; {what}")
+    value = obj[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(f"{path}: {_where(key, i, obj)}: '{name}' must be an integer, got {value!r}")
+    return value
+
+
+def _image_ids(path: Path, images: list) -> list[int]:
+    """The images' ids, refusing missing and duplicate ones: a shared id would train the second
+    image with the first one's boxes and lose its own."""
+    ids = [_integer_field(path, "images", i, _entry(path, images, "images", i), "id",
+                          "every COCO image needs an integer id and a file_name") for i in range(len(images))]
+    repeated = sorted(k for k, n in Counter(ids).items() if n > 1)
+    if repeated:
+        shown = ", ".join(str(k) for k in repeated[:5]) + (f" (+{len(repeated) - 5} more)" if len(repeated) > 5 else "")
+        raise DataError(f"{path}: duplicate image ids in 'images': {shown}; each image needs its own id")
+    return ids
+
+
+def _bbox(path: Path, i: int, a: dict) -> list[float] | None:
+    """The annotation's [x, y, w, h] as floats; None if it has none (dropped and counted).
+    Anything but 4 numbers is refused: strings would otherwise be parsed or crash later."""
+    bbox = a.get("bbox")
+    if bbox is None or (isinstance(bbox, list) and len(bbox) != 4):
+        return None
+    if not isinstance(bbox, list) or not all(_is_number(v) for v in bbox):
+        raise DataError(f"{path}: {_where('annotations', i, a)}: bbox must be 4 numbers [x, y, width, height], "
+                        f"got {bbox!r}")
+    return [float(v) for v in bbox]
+
+
+class _Dropped:
+    """Annotations not trained on: reason -> count, and for the reasons that hint at broken
+    data also where it first happened (a count alone does not help find it)."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.first: dict[str, str] = {}
+
+    def add(self, reason: str, where: str | None = None) -> None:
+        self.counts[reason] += 1
+        if where is not None:
+            self.first.setdefault(reason, where)
+
+    def report(self) -> dict[str, int]:
+        return {f"{r} (first: {self.first[r]})" if r in self.first else r: n for r, n in self.counts.items()}
+
+
+def _annotations_by_image(path: Path, annotations, image_ids: set[int], dropped: _Dropped):
+    """(image id -> [(list index, annotation)], the annotations evaluation sees). Annotations of
+    no known image and boxes with NaN/Inf (which would clip to full-width boxes) are dropped."""
+    if not isinstance(annotations, list):
+        raise DataError(f"{path}: 'annotations' must be a list, got a {type(annotations).__name__}")
+    by_image: dict[int, list[tuple[int, dict]]] = {}
+    evaluable = []  # of known images, with a finite bbox
+    for i in range(len(annotations)):
+        a = _entry(path, annotations, "annotations", i)
+        if "image_id" not in a:
+            raise DataError(f"{path}: {_where('annotations', i, a)} has no 'image_id'; "
+                            "every COCO annotation names the image it belongs to")
+        if a["image_id"] not in image_ids:
+            dropped.add("annotations whose image_id matches no image",
+                        f"annotation id {a.get('id', '?')}, image_id {a['image_id']!r}")
+            continue
+        bbox = _bbox(path, i, a)
+        if bbox is not None and not all(math.isfinite(v) for v in bbox):
+            dropped.add("boxes with non-finite values", f"image id {a['image_id']!r}, annotation id {a.get('id', '?')}")
+            continue
+        by_image.setdefault(a["image_id"], []).append((i, a))
+        if bbox is not None:
+            evaluable.append(a)
+    return by_image, evaluable
+
+
 def load_coco(annotations: Path, images_dir: Path | None, name: str, split: str) -> DetectionData:
     data = _read_json(annotations)
-    cats = sorted(data["categories"], key=lambda c: c["id"])  # contiguous labels follow id order
+    categories = [_entry(annotations, data["categories"], "categories", i) for i in range(len(data["categories"]))]
+    for i, c in enumerate(categories):
+        _integer_field(annotations, "categories", i, c, "id", "every COCO category needs an integer id and a name")
+    cats = sorted(categories, key=lambda c: c["id"])  # contiguous labels follow id order
     category_ids = [int(c["id"]) for c in cats]
     if len(set(category_ids)) != len(category_ids):
         raise DataError(f"{annotations}: duplicate category ids in 'categories'")
     label_of = {cid: i + 1 for i, cid in enumerate(category_ids)}
     class_names = ["__background__"] + [str(c.get("name", c["id"])) for c in cats]
+    image_ids = set(_image_ids(annotations, data["images"]))
 
-    anns_by_image: dict[int, list[dict]] = {}
-    for a in data["annotations"]:
-        anns_by_image.setdefault(a["image_id"], []).append(a)
+    dropped = _Dropped()
+    anns_by_image, evaluable = _annotations_by_image(annotations, data["annotations"], image_ids, dropped)
 
-    dropped: Counter = Counter()
     records = []
-    for img in data["images"]:
+    for k, img in enumerate(data["images"]):
+        if "file_name" not in img:
+            raise DataError(f"{annotations}: {_where('images', k, img)} has no 'file_name'; "
+                            "every COCO image needs an integer id and a file_name")
         file = Path(img["file_name"])
         if not file.is_absolute():
             if images_dir is None:
@@ -61,24 +161,27 @@ def load_coco(annotations: Path, images_dir: Path | None, name: str, split: str)
                     width, height = im.size
             except OSError as e:
                 raise DataError(f"{file}: cannot read image (image id {img['id']}): {e}") from None
+        elif not (_is_number(height) and _is_number(width)):
+            raise DataError(f"{annotations}: image id {img['id']}: width and height must be numbers, "
+                            f"got {width!r} x {height!r}")
         boxes, labels, ignored = [], [], []
-        for a in anns_by_image.get(img["id"], []):
+        for i, a in anns_by_image.get(img["id"], []):
             if a.get("category_id") not in label_of:
-                dropped["with unknown category_id"] += 1
+                dropped.add("with unknown category_id")
                 continue
-            bbox = a.get("bbox")
-            if bbox is None or len(bbox) != 4:
-                dropped["without a 4-number bbox"] += 1
+            bbox = _bbox(annotations, i, a)
+            if bbox is None:
+                dropped.add("without a 4-number bbox")
                 continue
-            x, y, w, h = (float(v) for v in bbox)
+            x, y, w, h = bbox
             x1, y1 = max(0.0, x), max(0.0, y)
             x2, y2 = min(float(width), x + w), min(float(height), y + h)
             if a.get("iscrowd", 0):
                 ignored.append([x1, y1, x2, y2])
-                dropped["crowd boxes (ignored in training)"] += 1
+                dropped.add("crowd boxes (ignored in training)")
                 continue
             if x2 - x1 < 1.0 or y2 - y1 < 1.0:
-                dropped["zero/negative-size boxes"] += 1
+                dropped.add("zero/negative-size boxes")
                 continue
             boxes.append([x1, y1, x2, y2])
             labels.append(label_of[a["category_id"]])
@@ -89,4 +192,4 @@ def load_coco(annotations: Path, images_dir: Path | None, name: str, split: str)
             ignored_boxes=np.asarray(ignored, np.float32).reshape(-1, 4),
         ))
     return DetectionData(name=name, split=split, records=records, class_names=class_names,
-                         category_ids=category_ids, coco_gt=data, format="coco", dropped=dict(dropped))
+                         category_ids=category_ids, coco_gt=dict(data, annotations=evaluable), format="coco", dropped=dropped.report())

@@ -26,6 +26,17 @@ def read_toml(path: str | Path, what: str = "TOML") -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise DataError(f"{path}: invalid TOML ({e})") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes itself and lets this through
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); TOML files must be saved as UTF-8") from None
+
+
+def _path_value(section: dict, key: str, toml_path: Path, split: str) -> str | None:
+    """A path given in a dataset TOML's [split] section (relative to the TOML's folder), or None."""
+    value = section.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{toml_path}: [{split}] {key} must be a path string (relative to the TOML's folder), "
+                        f"got {value!r}")
+    return value
 
 
 def load_dataset(toml_path: str | Path, split: str = "train") -> DetectionData:
@@ -40,25 +51,53 @@ def load_dataset(toml_path: str | Path, split: str = "train") -> DetectionData:
         have = [k for k, v in spec.items() if isinstance(v, dict) and k != "generator"]
         raise DataError(f"{toml_path}: no [{split}] section (has: {', '.join(have) or 'none'})")
     if fmt == "coco":
-        if "annotations" not in section:
+        annotations = _path_value(section, "annotations", toml_path, split)
+        if annotations is None:
             raise DataError(f"{toml_path}: [{split}] needs 'annotations' (path to a COCO json)")
-        images = section.get("images")
-        return load_coco(base / section["annotations"], base / images if images else None, name, split)
+        images = _path_value(section, "images", toml_path, split)
+        return load_coco(base / annotations, base / images if images else None, name, split)
     if fmt == "voc":
         roots = section.get("root", spec.get("root"))
         if roots is None or "image_set" not in section:
             raise DataError(f"{toml_path}: [{split}] needs 'root' (VOC20xx folder or a list) and 'image_set'")
-        roots = [roots] if isinstance(roots, str) else list(roots)
+        roots = [roots] if isinstance(roots, str) else roots
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots) \
+                or not isinstance(section["image_set"], str):
+            raise DataError(f"{toml_path}: [{split}] root must be a path string or a list of them and image_set "
+                            f"a name, got root = {roots!r}, image_set = {section['image_set']!r}")
         classes = tuple(spec.get("classes", VOC_CLASSES))
         return load_voc([base / r for r in roots], section["image_set"], name, split, classes)
     raise DataError(f"{toml_path}: format = {fmt!r} is not supported (use \"coco\" or \"voc\")")
 
 
+# PIL modes of one 16-bit channel (16-bit grey PNG, TIFF): scaled to 8 bits, since PIL's own
+# convert("RGB") clips them at 255 (a 16-bit photo would become almost all white).
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _rgb8(im: Image.Image, record: ImageRecord) -> np.ndarray:
+    """uint8 [H, W, 3] of a decoded image of any 8- or 16-bit PIL mode."""
+    if im.mode in _16_BIT_MODES or (im.mode == "I" and im.format == "PNG"):  # older PIL: 16-bit PNG as "I"
+        grey = (np.asarray(im).astype(np.uint32) * 255 + 32767) // 65535  # 65535 -> 255, rounded
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode in ("I", "F"):  # 32-bit integer or float pixels: no known range to scale from
+        raise DataError(f"{record.file}: image id {record.image_id} has pixel mode {im.mode} "
+                        f"({'32-bit float' if im.mode == 'F' else '32-bit integer'}); convert it to 8-bit RGB "
+                        "(or 16-bit PNG) first")
+    if im.mode in ("P", "PA"):  # through RGBA: PIL warns on palette transparency otherwise
+        im = im.convert("RGBA")
+    # 16-bit-per-channel RGB(A) PNGs PIL already decodes as 8-bit RGB(A) (the high byte of each value)
+    return np.array(im.convert("RGB"))
+
+
 def read_image(record: ImageRecord) -> torch.Tensor:
-    """Decodes one image to uint8 RGB [3, H, W]; a clear error names the image if it cannot."""
+    """Decodes one image to uint8 RGB [3, H, W] (grey, palette, alpha, CMYK and 16-bit images
+    converted, high bit depths scaled); a clear error names the image if it cannot."""
     try:
         with Image.open(record.file) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            image = torch.from_numpy(_rgb8(im, record)).permute(2, 0, 1).contiguous()
+    except DataError:
+        raise
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for missing, truncated, foreign files
         raise DataError(f"{record.file}: cannot read image id {record.image_id} ({e})") from None
     if tuple(image.shape[1:]) != (record.height, record.width):

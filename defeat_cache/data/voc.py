@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,14 @@ VOC_CLASSES = (
 )
 
 
+def _number(element: ET.Element, key: str, path: Path) -> float:
+    text = element.findtext(key)
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: <{element.tag}><{key}> must be a number, got {text!r}") from None
+
+
 def _parse_xml(path: Path, label_of: dict[str, int]):
     try:
         root = ET.parse(path).getroot()
@@ -25,7 +34,7 @@ def _parse_xml(path: Path, label_of: dict[str, int]):
     size = root.find("size")
     if size is None:
         raise DataError(f"{path}: no <size> element; every VOC annotation needs width and height")
-    width, height = int(size.findtext("width")), int(size.findtext("height"))
+    width, height = (int(_number(size, k, path)) for k in ("width", "height"))
     objects = []
     for obj in root.findall("object"):
         name = (obj.findtext("name") or "").strip()
@@ -35,7 +44,10 @@ def _parse_xml(path: Path, label_of: dict[str, int]):
             continue
         # VOC pixel coordinates are 1-based and inclusive: 0-based inclusive here (what VOC07
         # evaluation's +1 convention expects); training uses the continuous box (x2 + 1).
-        x1, y1, x2, y2 = (float(bb.findtext(k)) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1, x2, y2 = (_number(bb, k, path) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax"))
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            objects.append("non-finite")
+            continue
         difficult = int(obj.findtext("difficult") or 0) == 1
         objects.append((x1, y1, x2, y2, label_of[name], difficult))
     return width, height, objects
@@ -58,6 +70,9 @@ def load_voc(roots: list[Path], image_set: str, name: str, split: str,
             for o in objects:
                 if o is None:
                     dropped["objects of unknown class"] += 1
+                    continue
+                if o == "non-finite":
+                    dropped["boxes with non-finite values"] += 1
                     continue
                 x1, y1, x2, y2, lab, diff = o
                 if x2 - x1 < 0 or y2 - y1 < 0:

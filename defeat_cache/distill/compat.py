@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..models.family import FAMILIES
 from ..models.zoo import ModelSpec
+from .presets import FEATURE_KD_METHODS
 
 # Presets whose RoI-classifier part is dropped, not refused, on a student without an RoI head.
 # `defeat` is the paper's full recipe, and the paper's RetinaNet row is that recipe's neck
@@ -69,6 +70,7 @@ class Compatibility:
     cls: bool
     backbone: bool
     notes: tuple[str, ...] = ()  # parts the preset enables that do not apply here, for the log
+    feature_kd: tuple[str, ...] = ()  # the other feature-KD methods that run (pkd, cwd, fgd, mgd)
 
 
 def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, preset: dict) -> Compatibility:
@@ -78,18 +80,19 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
     name, neck, cls, bb = preset["name"], preset["neck"], preset["cls"], preset["backbone"]
     neck_on = bool(neck["enabled"]) and (neck["alpha_obj"] > 0 or neck["alpha_bg"] > 0)
     cls_on, bb_on = bool(cls["enabled"]), bool(bb["enabled"])
+    feature_kd = tuple(m for m in FEATURE_KD_METHODS if preset.get(m, {}).get("enabled"))
     if teacher.family != student.family:
         raise IncompatibleError([f"teacher is {teacher.family}, student is {student.family}: "
                                  "DeFeat distils within one detector family"])
     problems, notes = [], []
     student_levels = tuple(lv.name for lv in student.fpn_levels)
-    if neck_on and teacher.fpn_levels != student_levels:
+    if (neck_on or feature_kd) and teacher.fpn_levels != student_levels:
         problems.append(f"the teacher outputs have FPN levels {list(teacher.fpn_levels)}, the student "
                         f"{list(student_levels)}: neck distillation pairs them level by level")
     if cls_on and not student.has_roi_head:
         title = student.family_record.title
         with_roi = " or ".join(f.title for f in FAMILIES.values() if f.has_roi_head)
-        if not (neck_on or bb_on):
+        if not (neck_on or bb_on or feature_kd):
             problems.append(f"preset {name}: RoI-classifier KD needs a {with_roi} student ({title} has no "
                             "RoI head); use a preset with neck distillation")
         elif name in CLS_DROPPED_WITHOUT_ROI_HEAD:
@@ -111,7 +114,7 @@ def check_compatible(student: ModelSpec, teacher: ModelSpec | TeacherFacts, pres
                 problems.append(f"backbone.stages {unknown}: the teacher outputs provide only {allowed}")
     if problems:
         raise IncompatibleError(problems)
-    return Compatibility(neck=neck_on, cls=cls_on, backbone=bb_on, notes=tuple(notes))
+    return Compatibility(neck=neck_on, cls=cls_on, backbone=bb_on, notes=tuple(notes), feature_kd=feature_kd)
 
 
 __all__ = ["CLS_DROPPED_WITHOUT_ROI_HEAD", "Compatibility", "IncompatibleError", "TeacherFacts", "check_compatible"]

@@ -12,11 +12,15 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from ..distributed import batch_normaliser
 from ..models.forward import DetectorOutput, is_retinanet, roi_class_logits
 from ..models.sampling import ItemSeededSampler, image_generators, seeded_sampling
 from ..models.zoo import ModelSpec
 from ..progress import log
+from ..seeding import seeded_init
 from .compat import TeacherFacts, check_compatible
+from .feature_kd import (FeatureAlign, FGDRelation, MGDGenerator, cwd_loss, fgd_level_sums, fgd_masks, mgd_keep_masks,
+                         mgd_level_sum, pkd_loss)
 from .losses import FeatureAdapters, all_cls_kd_loss, cls_kd_terms, neck_distill_loss, subsample_negatives
 from .masks import FINEST_SCALE, backbone_gt_mask, build_level_masks
 
@@ -38,6 +42,7 @@ class Distiller(nn.Module):
         for note in parts.notes:
             log(note)
         self.neck_on, self.cls_on, self.bb_on = parts.neck, parts.cls, parts.backbone
+        self.feature_kd = parts.feature_kd
         self.strides = student.strides
         fs = neck.get("finest_scale", "auto")
         self.finest_scale = FINEST_SCALE * student.preprocessing.min_size / PAPER_MIN_SIZE if fs == "auto" else float(fs)
@@ -52,14 +57,34 @@ class Distiller(nn.Module):
                                                      [teacher.backbone_channels[s] for s in bb["stages"]],
                                                      relu=True)
             self.bb_teacher_index = [list(teacher.backbone_channels).index(s) for s in bb["stages"]]
+        if self.feature_kd:  # docs/method.md#other-feature-kd-methods
+            all_levels = len(self.strides)
+            # the finest `levels` FPN levels of each method (0 = all), as the authors' configs pick them
+            self.kd_levels = {m: min(preset[m]["levels"] or all_levels, all_levels) for m in self.feature_kd}
+            t_ch = list(teacher.feature_channels[:max(self.kd_levels.values())])
+            # Each group of modules draws from its own generator (defeat_cache.seeding), seeded from the
+            # seed the distiller is built under (torch.initial_seed(): the run's, in training), so that
+            # enabling one part never changes another part's initial weights.
+            base = torch.initial_seed()
+            with seeded_init(base, "feature_align"):
+                self.feature_align = FeatureAlign([student.fpn_channels] * len(t_ch), t_ch)
+            if "fgd" in self.feature_kd:  # one GcBlock on the student side and one on the teacher side per level
+                with seeded_init(base, "fgd"):
+                    self.fgd_relation_s = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
+                    self.fgd_relation_t = nn.ModuleList(FGDRelation(c) for c in t_ch[:self.kd_levels["fgd"]])
+            if "mgd" in self.feature_kd:
+                with seeded_init(base, "mgd"):
+                    self.mgd_generators = nn.ModuleList(MGDGenerator(c) for c in t_ch[:self.kd_levels["mgd"]])
         if self.cls_on:
             rpi = int(cls["rois_per_image"]) or int(student.config.get("roi", {}).get("batch_size_per_image", 512))
             self.kd_sampler = ItemSeededSampler(rpi, float(cls["positive_fraction"]), "kd_rois")
 
     @property
     def parts(self) -> list[str]:
-        """The parts of DeFeat this criterion computes (some of neck, cls, backbone)."""
-        return [name for name, on in (("neck", self.neck_on), ("cls", self.cls_on), ("backbone", self.bb_on)) if on]
+        """The parts this criterion computes: some of DeFeat's neck, cls, backbone and the other
+        feature-KD methods (pkd, cwd, fgd, mgd)."""
+        defeat = [name for name, on in (("neck", self.neck_on), ("cls", self.cls_on), ("backbone", self.bb_on)) if on]
+        return defeat + list(self.feature_kd)
 
     def forward(self, student: nn.Module, out: DetectorOutput, teacher: list, targets: list[dict],
                 seeds: list[int] | None = None) -> dict:
@@ -73,6 +98,8 @@ class Distiller(nn.Module):
             losses.update(self.neck_losses(student, out, teacher, boxes, device, seeds))
         if self.bb_on:
             losses.update(self.backbone_losses(out, teacher, boxes, device))
+        if self.feature_kd:
+            losses.update(self.feature_kd_losses(out, teacher, boxes, device, seeds))
         if self.cls_on:
             with seeded_sampling([self.kd_sampler], seeds):
                 losses.update(self.cls_losses(student, out, teacher, boxes, device, seeds))
@@ -97,6 +124,44 @@ class Distiller(nn.Module):
         if kind == "all":  # one term over all cells (paper Eq. 1)
             return {"loss_neck": terms["loss_neck_obj"] + terms["loss_neck_bg"]}
         return terms
+
+    # -- other feature-KD methods (docs/method.md#other-feature-kd-methods)
+    def feature_kd_losses(self, out: DetectorOutput, teacher: list, boxes: list[Tensor], device,
+                          seeds: list[int] | None = None) -> dict:
+        fpn = list(out.fpn.values())[:len(self.feature_align.convs)]
+        s_levels = [s.float() for s in self.feature_align(fpn)]
+        t_levels, valids = _pad_teacher([[t.features[li] for t in teacher] for li in range(len(s_levels))],
+                                        s_levels, device)
+
+        def levels(method):  # (S, T, valid) of the method's levels
+            n = self.kd_levels[method]
+            return s_levels[:n], t_levels[:n], valids[:n]
+
+        losses = {}
+        if "pkd" in self.feature_kd:
+            losses["loss_pkd"] = self.preset["pkd"]["weight"] * pkd_loss(*levels("pkd"))
+        if "cwd" in self.feature_kd:
+            cfg = self.preset["cwd"]
+            s, t, v = levels("cwd")
+            losses["loss_cwd"] = cfg["weight"] * cwd_loss(s, t, cfg["tau"], v)
+        if "fgd" not in self.feature_kd and "mgd" not in self.feature_kd:
+            return losses
+        # FGD and MGD sum per-image terms: divided by the batch size (of the global batch under DDP)
+        images = batch_normaliser(torch.tensor(float(len(teacher)), device=device))
+        if "fgd" in self.feature_kd:
+            cfg = self.preset["fgd"]
+            sums = sum(fgd_level_sums(s, t, v, *fgd_masks(boxes, v, stride), cfg["temp"], rel_s, rel_t)
+                       for s, t, v, stride, rel_s, rel_t in zip(*levels("fgd"), self.strides,
+                                                                self.fgd_relation_s, self.fgd_relation_t)) / images
+            losses["loss_fgd_focal"] = cfg["alpha"] * sums[0] + cfg["beta"] * sums[1] + cfg["gamma"] * sums[2]
+            losses["loss_fgd_global"] = cfg["lambda"] * sums[3]
+        if "mgd" in self.feature_kd:
+            cfg = self.preset["mgd"]
+            generators = image_generators(seeds, "mgd_mask", device)  # drawn level after level, per image
+            total = sum(mgd_level_sum(s, t, v, mgd_keep_masks(v, cfg["ratio"], generators), gen)
+                        for s, t, v, gen in zip(*levels("mgd"), self.mgd_generators))
+            losses["loss_mgd"] = cfg["alpha"] * total / images
+        return losses
 
     # -- backbone (section 3)
     def backbone_losses(self, out: DetectorOutput, teacher: list, boxes: list[Tensor], device) -> dict:

@@ -1,4 +1,8 @@
-"""Run a detector over a split and score it (COCO bbox AP via pycocotools; VOC07 mAP for VOC).
+"""Run a detector over a split and score it (COCO bbox AP and AR via pycocotools; VOC07 mAP for VOC).
+
+The metrics are a flat dict of named numbers: the twelve of `metrics.COCO_METRIC_NAMES` (None for
+an area range without ground truth), ``VOC07_mAP50`` for VOC data and ``eval_seconds``; with
+``classwise``, also ``per_class``: the AP of every category (`metrics.CocoBoxResult`).
 
 Under torchrun each rank predicts its own stride of the images; rank 0 gathers the
 detections and scores them (the other ranks get None).
@@ -21,7 +25,7 @@ from ..data.records import DetectionData
 from ..models.detector import view_inputs
 from ..progress import progress
 from ..views import Preprocessing, ViewSet
-from .metrics import coco_bbox_metrics, voc07_map
+from .metrics import coco_bbox_evaluation, voc07_map
 
 
 @torch.no_grad()
@@ -69,9 +73,11 @@ def coco_detections(data: DetectionData, predictions: list[dict]) -> list[dict]:
     return dets
 
 
-def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
+def score(data: DetectionData, predictions: list[dict], classwise: bool = False) -> dict:
+    """The metrics of `predictions` (from `predict`, all images) against `data`'s ground truth."""
     dets = coco_detections(data, predictions)
-    metrics = coco_bbox_metrics(data.coco_gt, dets)
+    coco = coco_bbox_evaluation(data.coco_gt, dets)
+    metrics: dict = dict(coco.metrics)
     if data.voc_gt is not None:
         # continuous predicted boxes -> VOC's inclusive pixel convention of the ground truth
         voc_dets = [{"image_id": data.records[p["image_index"]].image_id, "label": lab,
@@ -79,13 +85,15 @@ def score(data: DetectionData, predictions: list[dict]) -> dict[str, float]:
                     for p in predictions
                     for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist())]
         metrics["VOC07_mAP50"] = voc07_map(data.voc_gt, voc_dets, data.num_classes - 1)["mAP"]
+    if classwise:
+        metrics["per_class"] = coco.per_class
     return metrics
 
 
 def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
              batch_size: int = 8, workers: int = 2, show_progress: bool = True,
-             detections_path: str | Path | None = None) -> dict[str, float] | None:
-    """The split's metrics; under torchrun on rank 0 only (None on the other ranks).
+             classwise: bool = False, detections_path: str | Path | None = None) -> dict | None:
+    """The split's metrics (see the module docstring); under torchrun on rank 0 only (None on the other ranks).
     `detections_path`: also write every rank's detections there (rank 0, COCO results format)."""
     start = time.time()
     predictions = du.gather_to_main(predict(model, data, pre, device, batch_size, workers, show_progress))
@@ -94,7 +102,7 @@ def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: 
     predictions.sort(key=lambda p: p["image_index"])
     if detections_path is not None:
         write_json_atomic(detections_path, coco_detections(data, predictions))
-    metrics = score(data, predictions)
+    metrics = score(data, predictions, classwise)
     metrics["eval_seconds"] = round(time.time() - start, 1)
     return metrics
 

@@ -1,13 +1,17 @@
-"""Detection metrics: COCO box AP (via pycocotools) and PASCAL VOC2007 11-point mAP.
+"""Detection metrics: COCO box AP and AR (via pycocotools) and PASCAL VOC2007 11-point mAP.
 
-Two entry points:
+Entry points:
+
+``coco_bbox_evaluation(coco_gt, detections)``
+    Thin, file-free wrapper around pycocotools' ``COCOeval`` for ``iouType="bbox"``: the
+    twelve summary numbers by name (``COCO_METRIC_NAMES``: AP, AP50, AP75, APS, APM, APL,
+    AR1, AR10, AR100, ARS, ARM, ARL) as fractions in [0, 1], and the AP of every category.
+    pycocotools reports ``-1`` for a bucket without ground truth (e.g. APL when the dataset
+    has no large objects); that becomes ``None`` here (JSON ``null``, printed ``n/a``), so
+    "no data" can never be averaged or plotted as an AP.
 
 ``coco_bbox_metrics(coco_gt, detections)``
-    Thin, file-free wrapper around pycocotools' ``COCOeval`` for ``iouType="bbox"``.
-    Returns the first six summary numbers (AP, AP50, AP75, APS, APM, APL) as fractions
-    in [0, 1]. pycocotools reports ``-1`` for a bucket with no ground truth (e.g. APL
-    when the dataset has no large objects); that ``-1`` is passed through unchanged so
-    callers can tell "no data" apart from "zero AP".
+    The twelve numbers alone.
 
 ``voc07_map(gt, detections, num_classes, iou_threshold=0.5)``
     Re-implementation of the VOC2007 devkit protocol (``VOCevaldet.m``, also
@@ -20,14 +24,21 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["COCO_METRIC_NAMES", "coco_bbox_metrics", "voc07_map"]
+__all__ = ["COCO_AP_NAMES", "COCO_METRIC_NAMES", "CocoBoxResult", "coco_bbox_evaluation", "coco_bbox_metrics",
+           "voc07_map"]
 
-#: Keys returned by :func:`coco_bbox_metrics`, in pycocotools ``stats[0..5]`` order.
-COCO_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APS", "APM", "APL")
+#: Keys returned by :func:`coco_bbox_metrics`, in pycocotools ``stats[0..11]`` order: AP at IoU
+#: 0.50:0.95 / 0.50 / 0.75 (all areas), AP of small / medium / large objects, AR with at most 1 / 10 /
+#: 100 detections per image (all areas), AR of small / medium / large objects (100 detections).
+COCO_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APS", "APM", "APL",
+                                      "AR1", "AR10", "AR100", "ARS", "ARM", "ARL")
+#: The six AP numbers (the columns of result tables).
+COCO_AP_NAMES: tuple[str, ...] = COCO_METRIC_NAMES[:6]
 
 
 # --------------------------------------------------------------------------------------
@@ -91,8 +102,27 @@ def _as_py_scalar(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def coco_bbox_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
-    """COCO bbox AP of ``detections`` against ``coco_gt`` using pycocotools.
+@dataclass
+class CocoBoxResult:
+    """What :func:`coco_bbox_evaluation` returns.
+
+    ``metrics``: ``{name: fraction or None}`` for every name of ``COCO_METRIC_NAMES``.
+    ``per_class``: one ``{"category_id", "name", "AP"}`` per category of the ground truth, in
+    category id order; ``AP`` (IoU 0.50:0.95, all areas, 100 detections) is ``None`` for a
+    category without ground truth.
+    """
+
+    metrics: dict[str, float | None]
+    per_class: list[dict[str, Any]]
+
+
+def _defined(value: float) -> float | None:
+    """pycocotools' -1 ("no ground truth in this bucket") -> None."""
+    return None if value < 0 else float(value)
+
+
+def coco_bbox_evaluation(coco_gt: dict, detections: list[dict]) -> CocoBoxResult:
+    """COCO bbox AP and AR of ``detections`` against ``coco_gt`` using pycocotools.
 
     Args:
         coco_gt: COCO-format dict with ``images``, ``annotations`` (``bbox`` as
@@ -100,21 +130,16 @@ def coco_bbox_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float]
             ``iscrowd`` get ``area = w * h`` / ``iscrowd = 0`` on an internal copy;
             the input is never mutated.
         detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
-            Every ``image_id`` must be one of ``coco_gt["images"]``. Not mutated.
+            Every ``image_id`` must be one of ``coco_gt["images"]``. Not mutated. May be
+            empty (every AP and AR with ground truth is then 0).
 
     Returns:
-        ``{"AP", "AP50", "AP75", "APS", "APM", "APL"}`` = pycocotools ``stats[0..5]``
-        (IoU 0.50:0.95 / 0.50 / 0.75, all areas; then small / medium / large at
-        IoU 0.50:0.95; maxDets 100), as fractions in [0, 1]. A value of ``-1`` means
-        pycocotools had no ground truth for that bucket and is returned unchanged.
-        An empty ``detections`` list returns all zeros (pycocotools cannot load an
-        empty result list).
+        A :class:`CocoBoxResult`: the twelve summary numbers (pycocotools ``stats``) and the
+        per-category AP, read from COCOeval's precision array exactly as ``summarize`` reads
+        AP (IoU 0.50:0.95, area all, maxDets 100), restricted to one category.
 
     pycocotools' progress prints are swallowed; nothing is written to disk.
     """
-    if len(detections) == 0:
-        return {name: 0.0 for name in COCO_METRIC_NAMES}
-
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -131,13 +156,36 @@ def coco_bbox_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float]
         gt = COCO()
         gt.dataset = dataset
         gt.createIndex()
-        dt = gt.loadRes(dets)
+        if dets:
+            dt = gt.loadRes(dets)
+        else:  # loadRes cannot load an empty list; an empty result set scores the same way
+            dt = COCO()
+            dt.dataset = {"images": dataset["images"], "annotations": [], "categories": dataset["categories"]}
+            dt.createIndex()
         evaluator = COCOeval(gt, dt, iouType="bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = evaluator.stats
-    return {name: float(stats[i]) for i, name in enumerate(COCO_METRIC_NAMES)}
+    metrics = {name: _defined(evaluator.stats[i]) for i, name in enumerate(COCO_METRIC_NAMES)}
+
+    # precision: [IoU thresholds, recall thresholds, categories, area ranges, maxDets]; -1 where a
+    # category has no ground truth (in that area range)
+    params = evaluator.params
+    precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), params.maxDets.index(100)]
+    names = {c["id"]: c.get("name", str(c["id"])) for c in dataset["categories"]}
+    per_class = []
+    for k, cat_id in enumerate(params.catIds):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        per_class.append({"category_id": _as_py_scalar(cat_id), "name": names[cat_id],
+                          "AP": float(np.mean(p)) if p.size else None})
+    return CocoBoxResult(metrics, per_class)
+
+
+def coco_bbox_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float | None]:
+    """The twelve COCO numbers (``COCO_METRIC_NAMES``) of :func:`coco_bbox_evaluation`: fractions
+    in [0, 1], ``None`` for an area range without ground truth."""
+    return coco_bbox_evaluation(coco_gt, detections).metrics
 
 
 # --------------------------------------------------------------------------------------

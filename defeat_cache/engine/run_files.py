@@ -7,6 +7,7 @@ is the trained model alone, which is all `load_trained` and `eval` need.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -25,15 +26,81 @@ from ..views import Preprocessing
 from .schedule import Optimization, Schedule
 
 
-def write_config(path: Path, options: dict, spec: ModelSpec, data: DetectionData, pre: Preprocessing,
-                 schedule: Schedule) -> None:
-    """config.json: the run's options and what they resolved to."""
+def run_config(options: dict, spec: ModelSpec, data: DetectionData, pre: Preprocessing, schedule: Schedule) -> dict:
+    """What config.json holds: the run's options and what they resolved to, as JSON values."""
     # storage options may hold credentials: config.json records only which were given
     options = dict(options, storage_options=sorted(options.get("storage_options") or {}))
     config = {"options": options, "model": spec_dict(spec), "lr": schedule.lr, "total_iters": schedule.total_iters,
               "lr_steps": schedule.lr_steps, "global_batch": schedule.global_batch, "num_classes": data.num_classes,
-              "class_names": data.class_names, "preprocessing": pre.to_dict(), "version": __version__}
-    path.write_text(json.dumps(config, indent=2, default=str))
+              "class_names": data.class_names, "dataset_fingerprint": data.fingerprint(),
+              "preprocessing": pre.to_dict(), "version": __version__}
+    return json.loads(json.dumps(config, default=str))
+
+
+def write_config(path: Path, options: dict, spec: ModelSpec, data: DetectionData, pre: Preprocessing,
+                 schedule: Schedule) -> None:
+    """config.json: the run's options and what they resolved to."""
+    path.write_text(json.dumps(run_config(options, spec, data, pre, schedule), indent=2))
+
+
+def read_config(path: Path) -> dict | None:
+    """A run's config.json, or None if there is none (or it is unreadable: then nothing can be compared)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+# Options a resumed run may change, since they do not change what is computed: where and how fast it
+# runs, what it prints, how often last.pt is written, when it stops (--max-iters only cuts the
+# schedule short). --batch-size may change while the global batch stays (`resume` checks that).
+# The dataset and the student are compared by what they resolve to (the dataset's fingerprint, the
+# model's config), so a moved dataset folder or a model named by path resumes. Storage options are
+# endpoints and credentials. Every other option, and a --cache or --teacher given by another path, is
+# a change: resuming would mix two computations under one config.json.
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "device", "workers", "progress", "log_every", "checkpoint_minutes",
+                               "max_iters", "batch_size", "data", "student", "storage_options", "cache_in_memory"})
+# What the options resolved to, compared too (total_iters follows --max-iters; global_batch has its own check).
+_RESOLVED = {"model": "student model", "dataset_fingerprint": "dataset fingerprint", "lr": "resolved lr",
+             "lr_steps": "lr steps", "num_classes": "classes", "class_names": "class names",
+             "preprocessing": "preprocessing"}
+_ABSENT = object()
+
+
+def _differences(old, new, label: str, prefix: str):
+    """(label, old, new) of every difference; nested dicts (a preset, a model config) key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [*old, *(k for k in new if k not in old)]:
+            yield from _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}", f"{prefix}{k}.")
+    elif old != new:
+        yield label, old, new
+
+
+def _show(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    if isinstance(value, dict):
+        return f"preset {value['name']}" if "name" in value else "{...}"
+    return repr(value)
+
+
+def check_resume_config(old: dict, new: dict, where: str | Path) -> None:
+    """Refuses to resume the run of config.json `old` (at `where`) as the run of config `new` if that
+    changes the computation; one line says what differs (old -> new)."""
+    found = []
+    old_options, new_options = old.get("options", {}), new.get("options", {})
+    for k in old_options:  # keys of both only: a config written by an older version lacks some
+        if k in new_options and k not in RESUME_MAY_CHANGE:
+            found += _differences(old_options[k], new_options[k], f"--{k.replace('_', '-')}", f"{k}.")
+    for k, label in _RESOLVED.items():
+        if k in old and k in new:
+            found += _differences(old[k], new[k], label, f"{label}.")
+    if found:
+        shown = ", ".join(f"{label} {_show(a)} -> {_show(b)}" for label, a, b in found[:5])
+        more = f" (+{len(found) - 5} more)" if len(found) > 5 else ""
+        raise UserError(f"{where}: --resume with a changed computation: {shown}{more}; resume with this run's "
+                        "options (its config.json), or train into a new --out")
 
 
 class Checkpoints:
@@ -47,6 +114,7 @@ class Checkpoints:
         self.spec, self.data, self.pre = spec, data, pre
         self.step, self.optim, self.schedule = step, optim, schedule
         self.every_seconds = every_minutes * 60
+        self.saved_iteration: int | None = None  # of the last.pt this process wrote
         self.restart_timer()
 
     def restart_timer(self) -> None:
@@ -58,9 +126,10 @@ class Checkpoints:
 
     def save_last(self, iteration: int) -> None:
         if du.is_main_process():
-            save_checkpoint(self.last, **self._trained_model(iteration), total_iters=self.schedule.total_iters,
-                            global_batch=self.schedule.global_batch, train_state=self.step.state_dict(),
-                            **self.optim.state_dict(), rng={"torch": torch.get_rng_state()})
+            self._save(self.last, **self._trained_model(iteration), total_iters=self.schedule.total_iters,
+                       global_batch=self.schedule.global_batch, train_state=self.step.state_dict(),
+                       **self.optim.state_dict(), rng={"torch": torch.get_rng_state()})
+            self.saved_iteration = iteration
 
     def save_last_if_due(self, iteration: int) -> None:
         if time.time() - self._written_at > self.every_seconds:
@@ -69,14 +138,43 @@ class Checkpoints:
 
     def save_final(self, iteration: int) -> None:
         if du.is_main_process():
-            save_checkpoint(self.final, **self._trained_model(iteration))
+            self._save(self.final, **self._trained_model(iteration))
+
+    def _save(self, path: Path, **payload) -> None:
+        """save_checkpoint; a full disk is a one-line error saying what is intact and how to go on
+        (save_checkpoint leaves the previous file, and no partial one)."""
+        try:
+            save_checkpoint(path, **payload)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"{path}: no space left on device while writing the checkpoint of iteration "
+                            f"{payload['iteration']}; {self._intact()}; free space, then re-run with --resume"
+                            + (" (it writes final.pt)" if path == self.final else "")) from None
+
+    def _intact(self) -> str:
+        """What a failed write leaves: the last.pt written before, if any."""
+        iteration = self.saved_iteration
+        if iteration is None and self.last.is_file():  # written by an earlier process of this run
+            try:
+                iteration = int(read_checkpoint(self.last)["iteration"])
+            except (UserError, KeyError, TypeError, ValueError):
+                return f"{self.last.name} of an earlier iteration is intact"
+        if iteration is None:
+            return "no checkpoint was written yet (a re-run starts from iteration 0)"
+        return f"{self.last.name} of iteration {iteration} is intact"
 
 
-def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, optim: Optimization) -> int:
-    """Loads `last` (if it exists) into the step and optimizer; returns the iteration to continue from."""
-    # Rank 0 reads last.pt and hands it to the others (ranks on other nodes may not see its --out),
-    # so every rank resumes from the same state or none does.
-    ck = du.broadcast_object(read_checkpoint(last) if du.is_main_process() and last.is_file() else None)
+def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, optim: Optimization,
+           config: dict | None = None) -> int:
+    """Loads `last` (if it exists) into the step and optimizer; returns the iteration to continue from.
+
+    `config` (`run_config` of this run) is checked against the run's config.json first."""
+    # Rank 0 reads last.pt and config.json and hands them to the others (ranks on other nodes may not
+    # see its --out), so every rank resumes from the same state or none does.
+    config_path = last.parent / "config.json"
+    ck, old_config = du.broadcast_object((read_checkpoint(last), read_config(config_path))
+                                         if du.is_main_process() and last.is_file() else (None, None))
     if ck is None:
         log(f"--resume: no {last} yet, starting from scratch")
         return 0
@@ -88,6 +186,9 @@ def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, opt
         raise UserError(f"{last}: was trained with a global batch of {ck['global_batch']} images "
                         f"(ranks x --batch-size), this run has {du.world_size()} x {schedule.batch_size} = "
                         f"{schedule.global_batch}; resume with the same global batch, or start a new --out")
+    if config is not None and old_config is not None:
+        check_resume_config(old_config, config, config_path)
+    _check_state_fits(last, step, ck["train_state"])
     step.load_state_dict(ck["train_state"])
     optim.load_state_dict(ck)
     iteration = int(ck["iteration"])
@@ -96,4 +197,18 @@ def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, opt
     return iteration
 
 
-__all__ = ["Checkpoints", "resume", "write_config"]
+def _check_state_fits(last: Path, step: nn.Module, state: dict) -> None:
+    """A one-line refusal where load_state_dict would raise its multi-line RuntimeError: a last.pt
+    of other modules (config.json edited or missing, another version)."""
+    own = step.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(keys)} {what} keys (e.g. {keys[0]})" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("reshaped", shapes)) if keys]
+        raise UserError(f"{last}: its training state does not fit this run's modules: {', '.join(parts)}; "
+                        "resume with this run's options, or train into a new --out")
+
+
+__all__ = ["Checkpoints", "check_resume_config", "read_config", "resume", "run_config", "write_config"]

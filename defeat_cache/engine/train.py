@@ -33,10 +33,11 @@ from ..models.checkpoint import load_weights
 from ..models.forward import detector_forward
 from ..models.sampling import item_seed, samplers_of, seeded_sampling
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
+from ..options import check_device, check_int, check_positive
 from ..progress import log, progress
 from ..seeding import seeded_init
 from ..views import Preprocessing, ViewSet
-from .run_files import Checkpoints, resume, write_config
+from .run_files import Checkpoints, resume, run_config, write_config
 from .schedule import Optimization, Schedule, build_optimization, plan_schedule
 
 
@@ -75,6 +76,18 @@ class TrainOptions:
     # which measures a step without cache I/O and decoding)
     cache_in_memory: bool = False
 
+    def __post_init__(self):
+        ViewSet.parse(self.views)
+        check_int("--batch-size", self.batch_size, 1, "images per process")
+        check_int("--workers", self.workers, 0, "DataLoader worker processes; 0 = load data in the main process")
+        check_int("--log-every", self.log_every, 1, "iterations between metrics lines")
+        check_int("--max-iters", self.max_iters, 1)
+        check_int("--warmup-iters", self.warmup_iters, 0)
+        check_positive("--epochs", self.epochs)
+        check_positive("--schedule", self.schedule, "1 = the 1x schedule of 12 epochs")
+        check_positive("--lr", self.lr)
+        check_device(self.device)
+
 
 def train(opts: TrainOptions) -> dict:
     """Trains and returns a summary dict; writes RUN_DIR/{config.json,metrics.jsonl,last.pt,final.pt}."""
@@ -104,9 +117,12 @@ def train(opts: TrainOptions) -> dict:
 
     start = time.time()
     checkpoints = Checkpoints(out, spec, data, pre, step, optim, schedule, opts.checkpoint_minutes)
-    iteration = resume(checkpoints.last, spec, schedule, step, optim) if opts.resume else 0
+    config = run_config(asdict(opts), spec, data, pre, schedule)
+    iteration = resume(checkpoints.last, spec, schedule, step, optim, config) if opts.resume else 0
     if iteration >= schedule.total_iters:
         log(f"{out}: training already finished ({iteration} iterations)")
+        if not checkpoints.final.is_file():  # its writing failed (a full disk): last.pt holds the same model
+            checkpoints.save_final(iteration)
         return {"out": str(out), "iterations": iteration, "final": str(checkpoints.final)}
     if du.is_main_process():
         write_config(out / "config.json", asdict(opts), spec, data, pre, schedule)

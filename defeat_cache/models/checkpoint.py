@@ -107,11 +107,15 @@ def foreign_source(state: dict) -> str | None:
 
 
 def save_checkpoint(path: str | Path, **payload) -> None:
-    """Writes atomically (temp file + rename): a crash leaves the previous checkpoint intact."""
+    """Writes atomically (temp file + rename): a crash or a full disk leaves the previous checkpoint intact."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".partial")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def trained_model_payload(spec: ModelSpec, num_classes: int, class_names: list[str], pre: Preprocessing,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 # One stream per sampling site, so e.g. the RPN's and the box head's draws are independent.
-SALTS = {"rpn": 1, "roi": 2, "kd_rois": 3, "random_mask": 4, "sub_negative": 5}
+SALTS = {"rpn": 1, "roi": 2, "kd_rois": 3, "random_mask": 4, "sub_negative": 5, "mgd_mask": 6}
 
 
 def item_seed(seed: int, epoch: int, image_index: int, view_index: int) -> int:
