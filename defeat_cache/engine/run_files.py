@@ -83,6 +83,8 @@ def _differences(old, new, label: str, prefix: str):
     """(label, old, new) of every difference; nested dicts (a preset, a model config) key by key."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in [*old, *(k for k in new if k not in old)]:
+            if k == "description":  # a preset's or model's prose changes nothing computed
+                continue
             yield from _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}", f"{prefix}{k}.")
     elif old != new:
         yield label, old, new
