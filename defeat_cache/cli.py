@@ -23,6 +23,9 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except (UserError, CacheError, FileNotFoundError, FloatingPointError) as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before training's own handler is set
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
         finally:
             cleanup()  # under torchrun: leave the process group (NCCL warns otherwise)
     return wrapper
@@ -112,11 +115,27 @@ def _train_options(**kw):
 @click.option("--max-iters", type=int, default=None, help="Stop after this many iterations (smoke runs).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Images per process.")
 @click.option("--lr", type=float, default=None, help="Base learning rate (default: model's lr_per_image x global batch).")
-@click.option("--warmup-iters", type=int, default=500, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="SGD weight decay.")
+@click.option("--lr-steps", default=None, metavar="EPOCHS",
+              help="Epochs after which the lr drops by 10, comma-separated (default: 8/12 and 11/12 of the run, "
+                   "i.e. 8,11 for 12 epochs); '' = never.")
+@click.option("--warmup-iters", type=int, default=500, show_default=True, help="Linear lr warm-up iterations.")
+@click.option("--warmup-factor", type=float, default=0.001, show_default=True,
+              help="The warm-up's first lr, as a fraction of --lr.")
+@click.option("--grad-clip", type=float, default=35.0, show_default=True,
+              help="Max gradient norm (0 = no clipping).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (under torchrun: this rank's GPU).")
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers per process.")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt.")
+@click.option("--force", is_flag=True, help="Start over in an --out that holds a run (removes that run's files only).")
+@click.option("--eval-every", type=int, default=None, metavar="N",
+              help="COCO eval on the val split every N epochs and after the last iteration "
+                   "(metrics.jsonl, TensorBoard, best.pt).")
+@click.option("--keep-epochs", is_flag=True, help="Also keep the model after each epoch (RUN_DIR/epoch_NN.pt).")
+@click.option("--checkpoint-minutes", type=float, default=10.0, show_default=True,
+              help="Minutes between RUN_DIR/last.pt rewrites (also written at the end and on Ctrl-C/SIGTERM).")
 @click.option("--init-weights", default=None, type=click.Path(dir_okay=False),
               help="Detector or ImageNet-backbone state dict to start from.")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm under torchrun.")
@@ -125,10 +144,15 @@ def _train_options(**kw):
 @_storage_option
 @_user_errors
 def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, preset, overrides, epochs, schedule,
-              max_iters, batch_size, lr, warmup_iters, seed, device, workers, resume, init_weights, sync_bn, no_amp,
-              log_every, storage_option):
-    """Train a detector: plain, or distilled with DeFeat from a cache (--cache) or an online teacher (--teacher)."""
-    from .engine.train import train
+              max_iters, batch_size, lr, momentum, weight_decay, lr_steps, warmup_iters, warmup_factor, grad_clip,
+              seed, device, workers, resume, force, eval_every, keep_epochs, checkpoint_minutes, init_weights,
+              sync_bn, no_amp, log_every, storage_option):
+    """Train a detector: plain, or distilled with DeFeat from a cache (--cache) or an online teacher (--teacher).
+
+    Writes RUN_DIR (--out): config.json, metrics.jsonl, train.log, tb/ (TensorBoard), last.pt,
+    final.pt, best.pt (--eval-every). Ctrl-C / SIGTERM writes last.pt and exits 130 / 143."""
+    from .engine.schedule import parse_lr_steps
+    from .engine.train import stop_exit_code, train
     distill = None
     if cache and teacher:
         raise click.UsageError("give either --cache (offline) or --teacher (online), not both")
@@ -144,14 +168,19 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
     if storage_option and not cache:
         raise click.UsageError("--storage-option applies to a --cache URL (s3://...)")
     opts = _train_options(student=student, data=data_toml, out=out, epochs=epochs, schedule=schedule,
-                          max_iters=max_iters, batch_size=batch_size, lr=lr, warmup_iters=warmup_iters, seed=seed,
-                          device=device, workers=workers, resume=resume, init_weights=init_weights, sync_bn=sync_bn,
-                          amp=not no_amp, log_every=log_every, distill=distill, cache=cache, teacher=teacher,
-                          teacher_checkpoint=teacher_checkpoint, storage_options=_storage_options(storage_option))
+                          max_iters=max_iters, batch_size=batch_size, lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, lr_steps=parse_lr_steps(lr_steps) if lr_steps is not None else None,
+                          warmup_iters=warmup_iters, warmup_factor=warmup_factor, grad_clip=grad_clip, seed=seed,
+                          device=device, workers=workers, resume=resume, force=force, eval_every=eval_every,
+                          keep_epochs=keep_epochs, checkpoint_minutes=checkpoint_minutes, init_weights=init_weights,
+                          sync_bn=sync_bn, amp=not no_amp, log_every=log_every, distill=distill, cache=cache,
+                          teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+                          storage_options=_storage_options(storage_option))
     summary = train(opts)
     from .distributed import is_main_process
     if is_main_process():
         click.echo(json.dumps(summary))
+    sys.exit(stop_exit_code(summary))  # 130 / 143 when Ctrl-C / SIGTERM stopped it (last.pt is written)
 
 
 @main.command("extract")
@@ -247,6 +276,9 @@ def inspect_cmd(cache, as_json, storage_option):
     click.echo(f"views      {','.join(prov.get('views', []))}   codec {m.get('codec')}   schema {m.get('schema_version')}")
     click.echo(f"items      {info['items_done']}/{info['items_total']} done  "
                f"({info['shards_done']}/{info['shards_total']} shards)  complete={m.get('complete')}")
+    lock = info.get("extraction_lock")
+    if lock:
+        click.echo(f"lock       extract.lock: {lock['holder']}" + (" (stale: that process is gone)" if lock["stale"] else ""))
     click.echo(f"size       {info['bytes_total'] / 1e6:.1f} MB total, {(info['bytes_per_item'] or 0) / 1e3:.1f} kB per item "
                f"({(info['feature_bytes_per_item'] or 0) / 1e3:.1f} kB features)")
     kinds = info.get("bytes_per_item_by_kind")

@@ -23,14 +23,14 @@ from defeat_cache.data.dataset import collate, load_dataset
 from defeat_cache.data.records import DataError
 from defeat_cache.distill import distiller as distiller_mod
 from defeat_cache.distill import sources as sources_mod
-from defeat_cache.distill.distiller import build_distiller
 from defeat_cache.distill.presets import list_presets, load_preset
-from defeat_cache.distill.sources import CachedViewDataset, build_teacher_source
+from defeat_cache.distill.sources import CachedViewDataset
 from defeat_cache.engine import train as train_mod
+from defeat_cache.engine.step_check import build_step, losses_and_grads
 from defeat_cache.engine.train import TrainStep, train
 from defeat_cache.errors import UserError
 from defeat_cache.models import zoo
-from defeat_cache.models.zoo import build_detector, load_model_spec
+from defeat_cache.models.zoo import load_model_spec
 
 from builders import TINY_RETINA, shapes_dataset, tiny_extract_options, tiny_train_options, write_model_toml
 from checks import run_metrics
@@ -62,12 +62,8 @@ def _preset(name: str, tiny_cache, *overrides):
 
 def _make_step(student_spec, data, preset, **source_args):
     """(TrainStep, teacher source): student, source and distiller built exactly as train() builds
-    them (seed 0 before the student). `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
-    torch.manual_seed(0)
-    student = build_detector(student_spec, data.num_classes)
-    source = build_teacher_source(data, student_spec, preset, CPU, **source_args)
-    dist = build_distiller(preset, student_spec, source.facts)
-    return TrainStep(student, dist).train(), source
+    them for run seed 0. `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
+    return build_step(student_spec, data, preset, CPU, **source_args)
 
 
 def _pick_batches(ds) -> list[list[tuple[int, int]]]:
@@ -82,14 +78,7 @@ def _pick_batches(ds) -> list[list[tuple[int, int]]]:
 
 
 def _run(step: TrainStep, source, samples: list[dict], seed: int):
-    images = [s["image"] for s in samples]
-    targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
-    step.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    losses = step(images, targets, source.outputs(samples, images))
-    sum(losses.values()).backward()
-    grads = {n: p.grad.detach().clone() for n, p in step.named_parameters() if p.grad is not None}
-    return {k: v.detach().double().item() for k, v in losses.items()}, grads
+    return losses_and_grads(step, source, samples, CPU, seed=seed)
 
 
 def _expected_kd_terms(preset: dict) -> set[str]:
@@ -98,7 +87,7 @@ def _expected_kd_terms(preset: dict) -> set[str]:
     if neck["enabled"] and (neck["alpha_obj"] > 0 or neck["alpha_bg"] > 0):
         out |= {"loss_neck"} if neck["mask"] == "all" else {"loss_neck_obj", "loss_neck_bg"}
     if cls["enabled"]:
-        out |= {"loss_cls_kd"} if cls["mode"] == "all" else {"loss_cls_pos", "loss_cls_neg"}
+        out |= {"loss_cls_kd"} if cls["mode"].startswith("all") else {"loss_cls_pos", "loss_cls_neg"}
     if bb["enabled"]:
         out |= {"loss_backbone"}
     for method, terms in FEATURE_KD_TERMS.items():
@@ -111,12 +100,13 @@ def _expected_kd_terms(preset: dict) -> set[str]:
 @pytest.fixture(scope="module")
 def online_reference(tiny_cache, student_spec, data, tiny_model_toml, tiny_teacher_checkpoint):
     """Factory preset -> the online-mode step (teacher in memory) on two fixed batches: its initial
-    state, and per batch the samples, losses and gradients (computed once per preset)."""
+    state, and per batch the samples, losses and gradients (computed once per preset).
+    `name` is a preset name, optionally with `+`-separated --set overrides."""
     made = {}
 
     def get(name: str):
         if name not in made:
-            preset = _preset(name, tiny_cache)
+            preset = _preset(*name.split("+")[:1], tiny_cache, *name.split("+")[1:])
             step, source = _make_step(student_spec, data, preset, teacher=str(tiny_model_toml),
                                       teacher_checkpoint=str(tiny_teacher_checkpoint))
             assert isinstance(source, sources_mod.OnlineSource)
@@ -194,8 +184,12 @@ def test_cache_step_equals_online_step(codec, tiny_cache, online_reference, stud
         assert all(v <= 1e-6 for v in report.values()), report
 
 
+# the four other feature-KD methods at once, with DeFeat's cls KD: one reference instead of four
+ALL_FEATURE_KD = "pkd_cls_decoupled+cwd.enabled=true+fgd.enabled=true+mgd.enabled=true"
+
+
 @pytest.mark.parametrize("name", ["defeat_backbone", "mask_random", "mask_fgfi", "cls_subneg", "neck_decoupled_cls_all",
-                                  "pkd_cls_decoupled", "cwd", "fgd", "mgd"])
+                                  ALL_FEATURE_KD])
 def test_cache_step_equals_online_step_other_presets(name, tiny_cache, online_reference, student_spec, data):
     """fp32 cache, presets whose terms use other cached arrays (backbone stages) or the RNG
     (random mask, negative subsampling, MGD's masks) or the student's anchors (FG-Mask), and the
@@ -332,10 +326,25 @@ EXPECTED = {  # docs/method.md#logged-loss-terms: the loss names each paper pres
     "defeat_backbone": {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg", "loss_backbone"},
     "pkd": {"loss_pkd"}, "cwd": {"loss_cwd"}, "fgd": {"loss_fgd_focal", "loss_fgd_global"}, "mgd": {"loss_mgd"},
     "pkd_cls_decoupled": {"loss_pkd", "loss_cls_pos", "loss_cls_neg"},
+    "cls_all_subneg": {"loss_cls_kd"}, "mask_gaussian_obj": {"loss_neck_obj", "loss_neck_bg"},
 }
 
 
-@pytest.mark.parametrize("name", list_presets())
+# Presets that differ from another preset in their weights only (other family / CPU-scale values):
+# they train through the same code, so one training run of the base stands for them.
+WEIGHT_VARIANTS = {"pkd_retina": "pkd", "pkd_cpu": "pkd", "cwd_cpu": "cwd", "fgd_retina": "fgd",
+                   "mgd_retina": "mgd", "mgd_cpu": "mgd"}
+
+
+def test_weight_variants_differ_in_weights_only():
+    for variant, base in WEIGHT_VARIANTS.items():
+        a, b = load_preset(variant), load_preset(base)
+        assert a.keys() == b.keys()
+        differ = {(sec, k) for sec in a if isinstance(a[sec], dict) for k in a[sec] if a[sec][k] != b[sec][k]}
+        assert differ and all(isinstance(a[sec][k], float) or k == "levels" for sec, k in differ), (variant, differ)
+
+
+@pytest.mark.parametrize("name", [p for p in list_presets() if p not in WEIGHT_VARIANTS])
 def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
     preset = _preset(name, tiny_cache)
     expected = _expected_kd_terms(preset)
@@ -535,6 +544,52 @@ def test_seeded_kd_sampling_is_per_image(monkeypatch, tiny_cache, student_spec, 
     for rois, s in zip(seen[0], [b, a]):
         pos = box_iou(rois, s["boxes"]).max(dim=1).values >= 0.5
         assert 0 < int(pos.sum()) == int((~pos).sum())
+
+
+@pytest.mark.parametrize("name", ["cls_all_pos", "cls_all_neg", "cls_all_subneg"])
+def test_all_cls_kd_over_one_kind_of_roi(name, monkeypatch, tiny_cache, student_spec, data):
+    """Table 5's all-cls rows over part of the sampled RoIs: the student's head sees only the
+    positives, only the negatives, or the positives and as many negatives (per image), and the
+    term is lam x the mean KL over exactly those RoIs."""
+    from torchvision.ops import box_iou
+
+    from defeat_cache.distill.losses import kl_div_with_temperature
+    from defeat_cache.models.sampling import item_seed
+
+    step, source = _make_step(student_spec, data, _preset(name, tiny_cache), cache=tiny_cache("fp32"))
+    ds = source.dataset(data)
+    seen, real = [], distiller_mod.roi_class_logits
+
+    def recording(student, fpn, rois, sizes):
+        seen.append([r.clone() for r in rois])
+        out = real(student, fpn, rois, sizes)
+        seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(distiller_mod, "roi_class_logits", recording)
+    samples = [ds[(0, 0)], ds[(1, 1)]]
+    targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples]
+    images = [s["image"] for s in samples]
+    teacher = source.outputs(samples, images)
+    losses = step(images, targets, teacher, [item_seed(0, 0, 0, 0), item_seed(0, 0, 1, 1)])
+    rois, s_logits = seen
+    counts = []
+    t_logits = []
+    for r, s, t in zip(rois, samples, teacher):
+        pos = box_iou(r, s["boxes"]).max(dim=1).values >= 0.5
+        counts.append((int(pos.sum()), int((~pos).sum())))
+        cand = torch.cat([t.proposals, t.gt_boxes])
+        index = box_iou(r, cand).max(dim=1).indices  # each kept RoI is one of the cached candidates
+        t_logits.append(torch.cat([t.proposal_logits, t.gt_logits])[index])
+    if name == "cls_all_pos":
+        assert all(p > 0 and n == 0 for p, n in counts), counts
+    elif name == "cls_all_neg":
+        assert all(p == 0 and n > 0 for p, n in counts), counts
+    else:
+        assert all(0 < p == n for p, n in counts), counts
+    expected = kl_div_with_temperature(s_logits, torch.cat(t_logits), 1.0).mean()
+    assert set(losses) - DET_TERMS == {"loss_cls_kd"}
+    assert losses["loss_cls_kd"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_unreadable_cache_chunk_is_one_clear_error(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):

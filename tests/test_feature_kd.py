@@ -399,3 +399,79 @@ def test_feature_kd_modules_are_seeded_apart(tiny_student_toml, tiny_model_toml)
     assert all(torch.equal(v, alone[k]) for k, v in fgd_only.items())
     other = states(4, "mgd.enabled=true")
     assert not torch.equal(other["mgd_generators.0.net.0.weight"], alone["mgd_generators.0.net.0.weight"])
+
+
+def _criterion_case(student_toml: str, teacher_toml: str):
+    """A distiller with all four methods (seeded), and a 3-image batch: FPN maps, per-image teacher
+    maps at their own canvases, boxes and per-image seeds."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from defeat_cache.distill.compat import TeacherFacts
+    from defeat_cache.distill.distiller import build_distiller
+    from defeat_cache.models.zoo import load_model_spec
+    from defeat_cache.seeding import seeded_init
+
+    student = load_model_spec(student_toml)
+    facts = TeacherFacts.of_spec(load_model_spec(teacher_toml))
+    preset = load_preset("pkd", ["cwd.enabled=true", "fgd.enabled=true", "mgd.enabled=true", "mgd.levels=0"])
+    with seeded_init(7, "distiller"):
+        dist = build_distiller(preset, student, facts)
+    with torch.no_grad():  # a GcBlock that transforms, so its gradients are not trivially 0
+        for block in dist.fgd_relation_s:
+            block.channel_add[-1].weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(9)
+    canvases = [(64, 96), (96, 64), (96, 96)]
+    fpn = OrderedDict((str(i), torch.randn(3, student.fpn_channels, 96 // s, 96 // s, generator=g))
+                      for i, s in enumerate(student.strides))
+    C = facts.feature_channels[0]
+    teacher = [SimpleNamespace(features=[torch.randn(C, h // s, w // s, generator=g) for s in student.strides])
+               for h, w in canvases]
+    boxes = [torch.tensor([[4.0, 8.0, 40.0, 30.0]]), torch.tensor([[10.0, 2.0, 60.0, 90.0]]), torch.zeros(0, 4)]
+    return dist, fpn, teacher, boxes, [11, 12, 13]
+
+
+def _criterion_grads(dist, fpn, teacher, boxes, seeds, images):
+    """Gradients of the distiller's parameters from the sum of its feature-KD terms on `images`."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    dist.zero_grad(set_to_none=True)
+    out = SimpleNamespace(fpn=OrderedDict((k, v[images]) for k, v in fpn.items()))
+    losses = dist.feature_kd_losses(out, [teacher[i] for i in images], [boxes[i] for i in images],
+                                    torch.device("cpu"), [seeds[i] for i in images])
+    sum(losses.values()).backward()
+    return {n: p.grad.clone() for n, p in dist.named_parameters() if p.grad is not None}
+
+
+def _criterion_ddp_worker(rank: int, init: str, out: str, student_toml: str, teacher_toml: str):
+    import torch.distributed as dist_
+    dist_.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    case = _criterion_case(student_toml, teacher_toml)
+    grads = _criterion_grads(*case, images=[0, 1] if rank == 0 else [2])
+    for g in grads.values():  # DDP: the mean of the ranks' parameter gradients
+        dist_.all_reduce(g)
+        g /= 2
+    if rank == 0:
+        torch.save(grads, out)
+    dist_.destroy_process_group()
+
+
+def test_feature_kd_criterion_under_ddp_gives_the_single_process_gradient(tmp_path, tiny_student_toml,
+                                                                           tiny_model_toml):
+    """All four methods through the Distiller: 2 gloo ranks holding 2 + 1 images move every KD
+    parameter (aligners, GcBlocks, generators) as one process on the 3 images does."""
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "grads.pt")
+    mp.start_processes(_criterion_ddp_worker, nprocs=2, join=True, start_method="fork",
+                       args=(f"file://{tmp_path / 'rendezvous'}", out, str(tiny_student_toml), str(tiny_model_toml)))
+    single = _criterion_grads(*_criterion_case(str(tiny_student_toml), str(tiny_model_toml)), images=[0, 1, 2])
+    ddp = torch.load(out, weights_only=True)
+    assert single.keys() == ddp.keys()
+    assert any(k.startswith("fgd_relation_t") for k in single) and any(k.startswith("mgd_") for k in single)
+    for name, g in single.items():  # float rounding only: relative to the tensor's largest gradient
+        scale = float(g.abs().max())
+        if scale < 1e-9:  # a gradient that is 0 but for rounding (the GcBlock pooling conv's bias: softmax ignores it)
+            assert float(ddp[name].abs().max()) < 1e-9, name
+            continue
+        assert float((ddp[name] - g).abs().max()) <= 1e-3 * scale, name

@@ -157,3 +157,32 @@ def test_two_rank_extraction_to_s3(s3, reference_cache, tiny_model_toml, tiny_te
     assert summary["complete"] and summary["items"] == 24 and summary["ranks"] == 2
     assert_same_caches(zarr.open_group(url, mode="r", storage_options=options),
                        zarr.open_group(reference_cache, mode="r"), atol=0)
+
+
+def test_extraction_lock_on_s3(s3, tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes):
+    """The lock object is created only if absent (a conditional PUT): a second job is refused naming
+    the holder and writes nothing; a stale lock (its process gone, this host) is taken over."""
+    import s3fs
+    from defeat_cache.cache.lock import LOCK_NAME, ExtractLock, LockHolder
+    endpoint, options = s3
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    url = f"s3://{BUCKET}/locked.zarr"
+    first = ExtractLock(url, options)
+    first.acquire()
+    with pytest.raises(CacheError, match=f"being written by another extract .*pid {os.getpid()}, started"):
+        ExtractLock(url, options).acquire()
+    with pytest.raises(CacheError, match="being written by another extract"):
+        extract(tiny_extract_options(tiny_model_toml, tiny_teacher_checkpoint, tiny_shapes, url,
+                                     storage_options=options))
+    assert fs.ls(f"{BUCKET}/locked.zarr", detail=False) == [f"{BUCKET}/locked.zarr/{LOCK_NAME}"]  # nothing else
+    first.release()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/locked.zarr/{LOCK_NAME}")
+    dead = LockHolder(first.me.host, 2 ** 22 + 7, "2026-01-01T00:00:00+00:00", "0" * 32)  # no such pid
+    fs.pipe(f"{BUCKET}/locked.zarr/{LOCK_NAME}", dead.to_bytes())
+    taker = ExtractLock(url, options)
+    taker.acquire()
+    assert LockHolder.from_bytes(fs.cat(f"{BUCKET}/locked.zarr/{LOCK_NAME}")).token == taker.me.token
+    taker.release()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/locked.zarr/{LOCK_NAME}")

@@ -132,8 +132,8 @@ def test_voc_recipes_use_voc_inputs_and_neck_weights(capsys):
         distilled = [c for c in commands if subcommand(c) == "train" and "--cache" in c]
         assert distilled and all(option(c, "--student").endswith("configs/models/voc/r50_fpn.toml")
                                  for c in distilled)
-        assert all(c.count("--set") == 2 and "neck.alpha_obj=3" in c and "neck.alpha_bg=12" in c
-                   for c in distilled)
+        assert all(c.count("--set") == 3 and "neck.alpha_obj=3" in c and "neck.alpha_bg=12" in c
+                   and "neck.finest_scale=56" in c for c in distilled)  # the authors' VOC finest scale
     from defeat_cache.models.zoo import load_model_spec
     pre = load_model_spec(str(recipes.REPO / "configs/models/voc/r50_fpn.toml")).preprocessing
     assert (pre.min_size, pre.max_size) == (600, 1000)

@@ -59,14 +59,18 @@ def straight_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, tiny_model_toml, tiny_shapes) -> Path:
-    """Like straight_run, but stopped after 2 iterations (mid-epoch) and resumed to 4.
+    """Like straight_run, but stopped after 2 iterations (mid-epoch) and resumed to 4, twice:
+    the second time from the 2-iteration last.pt again, as if the first continuation had been
+    killed after logging iterations 3 and 4 but before it rewrote last.pt.
 
-    The 2-iteration final.pt is kept as first_final.pt.
+    The 2-iteration final.pt is kept as first_final.pt, its metrics as first_metrics.jsonl.
     """
     out = tmp_path_factory.mktemp("resumed")
     train(_opts(tiny_model_toml, tiny_shapes, out, max_iters=2))
-    shutil.copy(out / "final.pt", out / "first_final.pt")
-    shutil.copy(out / "metrics.jsonl", out / "first_metrics.jsonl")
+    for name in ("final.pt", "metrics.jsonl", "last.pt"):
+        shutil.copy(out / name, out / f"first_{name}")
+    train(_opts(tiny_model_toml, tiny_shapes, out, max_iters=4, resume=True))
+    shutil.copy(out / "first_last.pt", out / "last.pt")  # killed before its last.pt was written
     train(_opts(tiny_model_toml, tiny_shapes, out, max_iters=4, resume=True))
     return out
 
@@ -111,14 +115,47 @@ def test_same_seed_gives_identical_weights(tmp_path, tiny_model_toml, tiny_shape
 def test_resume_continues_from_last_checkpoint(resumed_run, tiny_model_toml, tiny_shapes):
     first = (resumed_run / "first_metrics.jsonl").read_text().splitlines()
     lines = run_metrics(resumed_run)
-    assert (resumed_run / "metrics.jsonl").read_text().splitlines()[:2] == first  # appended, not rewritten
+    assert (resumed_run / "metrics.jsonl").read_text().splitlines()[:2] == first  # kept as they were
+    # one line per iteration: what the killed continuation logged after last.pt went
     assert [m["iter"] for m in lines] == [1, 2, 3, 4]
+    # the training time goes on from the 2-iteration last.pt's, it does not restart
+    first_seconds = read_checkpoint(resumed_run / "first_last.pt")["run_state"]["train_seconds"]
+    assert lines[1]["time"] <= first_seconds + 0.01 < lines[2]["time"] < lines[3]["time"]
+    assert read_checkpoint(resumed_run / "last.pt")["run_state"]["train_seconds"] >= lines[3]["time"] - 0.01
     assert read_checkpoint(resumed_run / "last.pt")["iteration"] == 4
     assert read_checkpoint(resumed_run / "final.pt")["iteration"] == 4
     # resuming a finished run is a no-op
     summary = train(_opts(tiny_model_toml, tiny_shapes, resumed_run, max_iters=4, resume=True))
     assert summary["iterations"] == 4
     assert len(run_metrics(resumed_run)) == 4
+
+
+def test_tensorboard_events_hold_the_metrics(straight_run, resumed_run):
+    """tb/'s scalars, read back with TensorBoard's own reader, are metrics.jsonl's numbers; the
+    resumed run's killed continuation (events 3 and 4 logged twice) shows once (purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in (straight_run, resumed_run):
+        events = EventAccumulator(str(run / "tb"))
+        events.Reload()
+        lines = run_metrics(run)
+        tags = set(events.Tags()["scalars"])
+        assert {f"train/{k}" for k in (*FRCNN_LOSSES, "loss", "lr", "images_per_s", "grad_norm")} <= tags
+        for key in (*FRCNN_LOSSES, "loss", "lr"):
+            scalars = events.Scalars(f"train/{key}")
+            assert [e.step for e in scalars] == [1, 2, 3, 4]
+            assert [e.value for e in scalars] == pytest.approx([m[key] for m in lines], rel=1e-6)
+    assert len(list((resumed_run / "tb").glob("events.out.tfevents.*"))) == 3  # one file per session
+
+
+def test_train_log_has_the_progress_and_summary(straight_run):
+    text = (straight_run / "train.log").read_text()
+    assert "shapes/train: 12 images" in text
+    assert [line.split(" train iter ")[1].split()[0] for line in text.splitlines() if " train iter " in line] == \
+        ["1/4", "2/4", "3/4", "4/4"]
+    summary = json.loads(text.split(" summary ")[-1])
+    assert summary["iterations"] == 4 and summary["final"] == str(straight_run / "final.pt")
+    assert "frozen BatchNorm" not in text  # norm = "bn"
 
 
 def test_resume_refuses_another_model(resumed_run, tiny_retina_toml, tiny_shapes):

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-__all__ = ["CacheError", "CacheMismatchError", "NonFiniteError", "IncompleteCacheError", "NotACacheError"]
+__all__ = ["CacheError", "CacheMismatchError", "NonFiniteError", "IncompleteCacheError", "NotACacheError", "DAMAGED"]
+
+#: what every message about a damaged cache tells the user to do: nothing of it can be trusted,
+#: and only the user may delete it (we never delete what might not be ours)
+DAMAGED = "the cache is damaged or was edited: delete it and run extract again"
 
 
 class CacheError(UserError):

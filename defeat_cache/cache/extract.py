@@ -11,7 +11,9 @@ bit-identical whatever the rank split or resume point.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import queue
 import random
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed as du
 from ..data.dataset import ViewDataset, check_batch, collate, load_dataset
 from ..data.records import DataError, DetectionData
+from ..errors import UserError
 from ..models.checkpoint import file_sha256, load_weights
 from ..models.teacher import TeacherOutput, teacher_outputs
 from ..models.zoo import ModelSpec, build_detector, load_model_spec, spec_dict
@@ -35,8 +38,13 @@ from ..progress import log, progress
 from ..views import Preprocessing, ViewSet, view_geometry
 from .codecs import CODECS, get_codec
 from .compact import BasisFitter, LevelBasis
+from . import storage
+from .arrays import read_shard_done
 from .errors import NonFiniteError
 from .layout import CacheLayout, LevelSpec
+from .lock import ExtractLock
+from .manifest import MANIFEST_KEY
+from .target import probe_out
 from .writer import CacheWriter
 
 DEFAULT_CODEC = "fp16"
@@ -215,6 +223,8 @@ class _ShardWriterThread:
                 self.writer.write_shard(shard, items)
                 done()
             except BaseException as e:  # re-raised in the main thread
+                if isinstance(e, OSError):
+                    e.shard = shard  # a full disk's message names it (extract)
                 self.error = e
 
     def put(self, shard: int, items: list[TeacherOutput], done) -> None:
@@ -256,7 +266,35 @@ def _prepare_teacher(spec: ModelSpec, checkpoint: str, num_classes: int, device:
 
 
 def extract(opts: ExtractOptions) -> dict:
-    """Writes (or finishes) a cache at opts.out; returns a summary. Safe to call again."""
+    """Writes (or finishes) a cache at opts.out; returns a summary. Safe to call again.
+
+    Everything is checked before anything is written at opts.out (options, dataset, what
+    opts.out holds, the checkpoint loading into the teacher); the job's extraction lock
+    (lock.py, taken by rank 0 for all ranks) is released however this ends."""
+    with contextlib.ExitStack() as held:
+        try:
+            return _extract(opts, held)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise UserError(_no_space_message(opts, getattr(e, "shard", None))) from None
+            raise
+
+
+def _no_space_message(opts: ExtractOptions, shard: int | None) -> str:
+    """What is intact after a full disk, and how to go on (a shard counts only once marked done)."""
+    where = f" (writing shard {shard})" if shard is not None else ""
+    try:
+        group = storage.open_group(opts.out, "r", opts.storage_options)
+        done = read_shard_done(group["shard_done"], opts.out)
+        intact = (f"{int(done.sum())} of {done.size} shards are done and intact; nothing half-written is "
+                  f"marked done")
+    except Exception:  # the cache itself could not be created
+        intact = "no shard was written yet"
+    return (f"no space left on device writing {opts.out}{where}: {intact}; free space (or extract to a larger "
+            f"disk) and run the same command again to resume")
+
+
+def _extract(opts: ExtractOptions, held: contextlib.ExitStack) -> dict:
     device = du.init_from_env(opts.device)
     spec = load_model_spec(opts.teacher)
     pre = spec.preprocessing
@@ -283,15 +321,30 @@ def extract(opts: ExtractOptions) -> dict:
             built.append(_prepare_teacher(spec, opts.checkpoint, data.num_classes, device))
         return built[0]
 
-    # Rank 0 creates (or checks) the store, fitting the bases first if the codec needs them;
-    # the others open it after it exists.
     so = opts.storage_options
+    # What --out holds (a file, other data: refused here) and whether the teacher loads (a text
+    # file, another architecture's checkpoint) are checked before anything is written there.
+    # A complete cache needs no teacher.
+    state = probe_out(opts.out, so)
+    manifest = (state.attrs or {}).get(MANIFEST_KEY)
+    if not (isinstance(manifest, dict) and manifest.get("complete")):
+        get_teacher()
+
+    # Rank 0 takes the job's lock, then creates (or checks) the store, fitting the bases first if
+    # the codec needs them; the others open it after it exists, or learn why it will not.
     fit = lambda: fit_bases(get_teacher(), dataset, layout, float(options["step"]),  # noqa: E731
                             basis_sample(layout.num_items, opts.basis_items), opts, device)
-    writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True, storage_options=so,
-                                          fit_bases=fit if layout.codec_object().needs_basis else None) \
-        if du.is_main_process() else None
-    du.barrier()
+    writer, refusal = None, None
+    if du.is_main_process():
+        try:
+            held.enter_context(ExtractLock(opts.out, so))
+            writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=True, storage_options=so,
+                                                  fit_bases=fit if layout.codec_object().needs_basis else None)
+        except UserError as e:
+            refusal = e
+    message = du.broadcast_object(None if refusal is None else str(refusal))  # also the ranks' barrier
+    if message is not None:
+        raise refusal or UserError(message)
     if writer is None:
         writer = CacheWriter.create_or_resume(opts.out, prov, layout, create=False, storage_options=so)
     if writer.complete:
@@ -310,7 +363,7 @@ def extract(opts: ExtractOptions) -> dict:
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=opts.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if opts.workers else None)
-    bar = progress(len(order), "extract", enabled=opts.progress)
+    bar = progress(len(order), "extract", unit="item", enabled=opts.progress)  # item = (image, view)
     write_thread = _ShardWriterThread(writer, data)
     buffers: dict[int, dict[int, TeacherOutput]] = {s: {} for s in pending}
     shard_of = {i: s for s in pending for i in writer.shard_items(s)}

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import storage
+from .arrays import read_shard_done
+from .lock import read_lock_holder
 
 if TYPE_CHECKING:
     from .reader import TeacherCache
@@ -19,7 +21,7 @@ __all__ = ["inspect_cache"]
 def inspect_cache(cache: "TeacherCache") -> dict:
     A = cache.open_arrays()
     L = cache.layout
-    done = np.asarray(A["shard_done"][:], dtype=bool)
+    done = read_shard_done(A["shard_done"], cache.path)
     items_done = int(sum(len(L.shard_items(int(s))) for s in np.flatnonzero(done)))
     arrays = {}
     total = 0
@@ -73,4 +75,7 @@ def inspect_cache(cache: "TeacherCache") -> dict:
         pass
     if root is not None:
         out["partial_files"] = sum(1 for _ in root.rglob("*.partial"))
+    holder = read_lock_holder(cache.path, cache.storage_options)
+    out["extraction_lock"] = None if holder is None else {
+        "holder": holder.describe(), "stale": holder.is_stale()}
     return out

@@ -1,7 +1,8 @@
 """The manifest: the group attribute that says what a cache is and what it was made from.
 
-It is written last when a cache is created (its presence means the arrays exist), compared
-with the current run's on resume (`mismatch_message`), and marked complete at the end.
+It is written last when a cache is created (its presence means the arrays exist; until then the
+group holds a creation marker, `CREATING_KEY`), compared with the current run's on resume
+(`mismatch_message`), and marked complete at the end. `read_manifest` checks it is one.
 """
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import datetime as _dt
 import json
 from typing import Any
 
+from .errors import DAMAGED, CacheError
 from .layout import SCHEMA_VERSION, CacheLayout, meta_columns
 
-__all__ = ["MANIFEST_KEY", "COMPARED_KEYS", "comparable_part", "new_manifest", "mismatch_message", "now"]
+__all__ = ["MANIFEST_KEY", "CREATING_KEY", "COMPARED_KEYS", "comparable_part", "new_manifest", "mismatch_message",
+           "now", "read_manifest"]
 
 MANIFEST_KEY = "defeat_cache"
+# Written (alone) into the group's zarr.json before anything else of a new cache, replaced by the
+# manifest in one write once the arrays exist: a group holding it is our own interrupted
+# creation, which a new extraction may clear; any other group without a manifest is not ours.
+CREATING_KEY = "defeat_cache_creating"
 # manifest keys compared on resume / by the reader's callers; the rest (created time,
 # complete flag, software version, derived descriptions) are volatile or derived.
 COMPARED_KEYS = ("schema_version", "codec", "layout", "provenance")
@@ -100,3 +107,22 @@ def mismatch_message(path, stored: dict, ours: dict) -> str | None:
     fmt = lambda m: ", ".join(f"{k}={json.dumps(m.get(k, '<missing>'))}" for k in keys)  # noqa: E731
     return (f"cache at {path} was made with {fmt(a)}, this run has {fmt(b)}; "
             f"use a new --out or delete it")
+
+
+def read_manifest(attrs, path) -> tuple[dict, CacheLayout]:
+    """The manifest of a group's attributes and the layout it describes; a manifest that is not a
+    mapping or has no valid layout is a one-line CacheError. (The caller has checked that the
+    attribute exists: without it the group is not a cache at all.)"""
+    manifest = attrs.get(MANIFEST_KEY)
+    where = f"cache at {path}: its manifest (attribute {MANIFEST_KEY!r} of its zarr.json)"
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{where} is a {type(manifest).__name__}, not a mapping; {DAMAGED}")
+    layout = manifest.get("layout")
+    if not isinstance(layout, dict):
+        raise CacheError(f"{where} has no layout (the array shapes); {DAMAGED}")
+    try:
+        parsed = CacheLayout.from_dict(layout)
+        parsed.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{where} has an invalid layout ({type(e).__name__}: {e}); {DAMAGED}") from None
+    return dict(manifest), parsed

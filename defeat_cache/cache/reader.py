@@ -16,11 +16,13 @@ import torch
 from ..models.teacher import TeacherOutput
 from . import storage
 from .codecs import FeatureCodec, stored_to_torch
-from .errors import CacheError, CacheMismatchError, IncompleteCacheError, NotACacheError
-from .inspection import inspect_cache
+from .arrays import open_checked_arrays, read_shard_done
 from .compact import LevelBasis
+from .errors import DAMAGED, CacheError, CacheMismatchError, IncompleteCacheError, NotACacheError
+from .inspection import inspect_cache
 from .layout import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, CacheLayout, ItemMeta
-from .manifest import MANIFEST_KEY
+from .lock import read_lock_holder
+from .manifest import MANIFEST_KEY, read_manifest
 from .verify import VerifyReport, verify_cache
 
 __all__ = ["TeacherCache", "EncodedItem", "read_bases"]
@@ -56,17 +58,19 @@ class TeacherCache:
         if MANIFEST_KEY not in group.attrs:
             raise NotACacheError(f"{path} is a zarr group but not a defeat-cache cache "
                                  f"(no {MANIFEST_KEY!r} manifest)")
-        self.manifest: dict = dict(group.attrs[MANIFEST_KEY])
-        sv = self.manifest.get("schema_version")
-        if sv not in READABLE_SCHEMA_VERSIONS:
+        raw = group.attrs[MANIFEST_KEY]
+        sv = raw.get("schema_version") if isinstance(raw, dict) else None
+        if isinstance(raw, dict) and sv not in READABLE_SCHEMA_VERSIONS:  # first: another schema's layout may not parse
             raise CacheMismatchError(f"cache at {path} has schema_version={sv}, this software "
                                      f"reads schema versions {list(READABLE_SCHEMA_VERSIONS)} "
                                      f"(writes {SCHEMA_VERSION}); re-extract it")
+        self.manifest, self.layout = read_manifest(group.attrs, path)
+        self._arrays: dict | None = None
+        self._pid: int | None = None
+        self._present: set[tuple[str, int]] = set()  # (array, shard) whose shard file exists
+        arrays = self.open_arrays()  # checks every array against the manifest
         if not self.manifest.get("complete") and not allow_incomplete:
-            raise IncompleteCacheError(
-                f"cache at {path} is incomplete (extraction did not finish); re-run the extract "
-                f"command to finish it, or pass allow_incomplete=True")
-        self.layout = CacheLayout.from_dict(self.manifest["layout"])
+            raise IncompleteCacheError(self._incomplete_message(arrays))
         self.codec: FeatureCodec = self.layout.codec_object()
         self.num_views = self.layout.num_views
         self._level_names = [n for n, _ in self.layout.all_levels]
@@ -77,8 +81,16 @@ class TeacherCache:
         self._device_bases: dict = {}
         offs = np.cumsum([0] + [s.stored for _, s in self.layout.all_levels])
         self._chan_slices = [slice(int(a), int(b)) for a, b in zip(offs[:-1], offs[1:])]
-        self._arrays: dict | None = None
-        self._pid: int | None = None
+
+    def _incomplete_message(self, arrays: dict) -> str:
+        done = read_shard_done(arrays["shard_done"], self.path)
+        counts = f"{int(done.sum())} of {done.size} shards done"
+        holder = read_lock_holder(self.path, self.storage_options)
+        if holder is not None and not holder.is_stale():
+            return (f"cache at {self.path} is still being written by extract ({holder.describe()}): {counts}; "
+                    f"wait for that extraction to finish")
+        return (f"cache at {self.path} is incomplete: {counts} (its extraction did not finish); run the same "
+                f"extract command again to finish it")
 
     def __len__(self) -> int:
         return self.layout.num_items
@@ -87,6 +99,7 @@ class TeacherCache:
         state = self.__dict__.copy()
         state["_arrays"] = None
         state["_pid"] = None
+        state["_present"] = set()
         return state
 
     def open_arrays(self) -> dict:
@@ -95,8 +108,9 @@ class TeacherCache:
         if self._arrays is None or self._pid != pid:
             storage.configure_zarr_threads()
             group = storage.open_group(self.path, "r", self.storage_options)
-            self._arrays = {n: group[n] for n in self.layout.array_names()}
+            self._arrays = open_checked_arrays(group, self.layout, self.path)
             self._pid = pid
+            self._present = set()
         return self._arrays
 
     def provenance(self) -> dict:
@@ -140,9 +154,17 @@ class TeacherCache:
     def _read(self, i: int, decode: bool = True):
         A = self.open_arrays()
         meta = ItemMeta.from_row(A["meta"][i])
+        shard = i // self.layout.items_per_shard
         if not meta.written:
+            if bool(A["shard_done"][shard]):
+                self._check_shard_files(A, ["meta"], i, shard)
             raise IncompleteCacheError(f"item {i} of cache {self.path} was never written "
-                                       f"(shard {i // self.layout.items_per_shard} not done)")
+                                       f"(shard {shard} not done)")
+        # Zarr reads a missing chunk as fill (zeros): every array holding part of this item must
+        # have its shard file, or a deleted file would train as zeros.
+        has_rows = meta.n_proposals + meta.n_gt > 0
+        self._check_shard_files(A, self._level_names + (["params"] if self.codec.has_params else []) + (
+            (["rois"] + (["logits"] if self.layout.separate_logits else [])) if has_rows else []), i, shard)
         small = ["rois"] + (["logits"] if self.layout.separate_logits else []) + \
             (["params"] if self.codec.has_params else [])
         reqs = [(A[name], i) for name in small]
@@ -155,6 +177,10 @@ class TeacherCache:
         logits = torch.from_numpy(got["logits"].astype(np.float32)) if "logits" in got else rois[:, 5:]
         n, g = meta.n_proposals, meta.n_gt
         P = self.layout.max_proposals
+        for what, rows in (("proposal", rois[:n]), ("gt", rois[P:P + g])):
+            if rows.numel() and not bool(rows.any()):  # its chunk is absent: written rows are never all zero
+                raise CacheError(f"cache {self.path}: item {i}: array rois has no chunk for its {len(rows)} {what} rows "
+                                 f"(read as zeros); {DAMAGED}")
         record = TeacherOutput(
             image_index=meta.image_index,
             view_index=meta.view_index,
@@ -172,6 +198,19 @@ class TeacherCache:
             return EncodedItem(record, [stored_to_torch(x) for x in stored],
                                None if params is None else torch.from_numpy(np.ascontiguousarray(params)))
         return self._with_levels(record, [self.decode_level(x, params, li) for li, x in enumerate(stored)])
+
+    def _check_shard_files(self, A: dict, names: list[str], item: int, shard: int) -> None:
+        """Each array of `names` has the shard file of `shard` (checked once per process and shard)."""
+        todo = [n for n in names if (n, shard) not in self._present]
+        if not todo:
+            return
+        keys = [storage.shard_key(A[n], shard) for n in todo]
+        for name, key, ok in zip(todo, keys, storage.exists_many(A["meta"].store, keys)):
+            if not ok:
+                raise CacheError(f"cache {self.path}: item {item}: array {name} has no shard file {key} although "
+                                 f"shard {shard} is marked done (`defeat-cache verify` lists every damaged shard); "
+                                 f"{DAMAGED}")
+            self._present.add((name, shard))
 
     def _with_levels(self, record: TeacherOutput, levels: list[torch.Tensor]) -> TeacherOutput:
         record.features = levels[: self._nf]

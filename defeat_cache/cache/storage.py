@@ -4,6 +4,7 @@ options, opening the group, concurrent array reads/writes, and zarr's thread poo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,10 +12,10 @@ from typing import Any, Sequence
 import zarr
 from zarr.core.sync import sync as _zarr_sync
 
-from .errors import CacheError
+from .errors import DAMAGED, CacheError
 
-__all__ = ["configure_zarr_threads", "is_url", "parse_storage_options", "url_holds_objects", "open_group",
-           "local_root", "get_many", "set_many", "exists"]
+__all__ = ["configure_zarr_threads", "is_url", "parse_storage_options", "open_group",
+           "create_group", "delete_members", "list_names", "local_root", "get_many", "set_many", "exists", "exists_many", "shard_key"]
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "session", "credential")
 
@@ -78,27 +79,18 @@ def parse_storage_options(pairs: Sequence[str]) -> dict:
     return options
 
 
-def url_holds_objects(path, storage_options: dict | None) -> bool:
-    """Whether anything is stored under a URL prefix (an s3:// bucket or folder)."""
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    fs.invalidate_cache(root)  # fsspec instances are shared with zarr's store: no stale listing
-    try:
-        return bool(fs.ls(root, detail=False))
-    except FileNotFoundError:
-        return False
-
-
-def open_group(path, mode: str, storage_options: dict | None):
-    """zarr.open_group (format 3) with the user's setup problems turned into CacheErrors;
+def _zarr_call(path, storage_options: dict | None, fn):
+    """fn() (a zarr call on `path`) with the user's setup problems turned into CacheErrors;
     a missing group stays FileNotFoundError (callers decide what that means)."""
-    kw = {"storage_options": storage_options} if storage_options else {}
     if storage_options and not is_url(path):
         raise CacheError(f"{path}: storage options apply to URLs (s3://...), not to local paths")
     try:
-        return zarr.open_group(str(path) if isinstance(path, Path) else path, mode=mode, zarr_format=3, **kw)
+        return fn()
     except (FileNotFoundError, CacheError):
         raise
+    except json.JSONDecodeError as e:  # a truncated or overwritten zarr.json
+        raise CacheError(f"{path}: its zarr.json (the group metadata that holds a cache's manifest) is not valid "
+                         f"JSON ({e}); {DAMAGED}") from None
     except ImportError as e:  # fsspec names the package a protocol needs (s3fs, gcsfs, ...)
         raise CacheError(f"{path}: {e}; install it in this environment "
                          "(for s3:// URLs: pip install 'defeat-cache[s3]')") from None
@@ -110,6 +102,54 @@ def open_group(path, mode: str, storage_options: dict | None):
         raise CacheError(f"{path}: cannot open ({type(e).__name__}: {e}); check the URL, the credentials "
                          "(e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the endpoint "
                          "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...)") from None
+
+
+def _store_arg(path):
+    return str(path) if isinstance(path, Path) else path
+
+
+def open_group(path, mode: str, storage_options: dict | None):
+    """zarr.open_group (format 3) with the user's setup problems turned into CacheErrors;
+    a missing group stays FileNotFoundError (callers decide what that means)."""
+    kw = {"storage_options": storage_options} if storage_options else {}
+    return _zarr_call(path, storage_options,
+                      lambda: zarr.open_group(_store_arg(path), mode=mode, zarr_format=3, **kw))
+
+
+def create_group(path, attributes: dict, storage_options: dict | None):
+    """A new zarr group (format 3) whose zarr.json holds `attributes` from its first write;
+    never overwrites anything (zarr refuses if a group or array exists there)."""
+    kw = {"storage_options": storage_options} if storage_options else {}
+    return _zarr_call(path, storage_options, lambda: zarr.create_group(
+        _store_arg(path), zarr_format=3, overwrite=False, attributes=attributes, **kw))
+
+
+def delete_members(group, names) -> None:
+    """Delete everything under each of `names` in the group (members and any stray chunks);
+    only for names the caller itself created."""
+    for name in names:
+        _zarr_sync(group.store.delete_dir(f"{group.path}/{name}" if group.path else name))
+
+
+def list_names(path, storage_options: dict | None) -> list[str] | None:
+    """The names directly under a local folder or URL prefix; None when nothing is there.
+    A path that is a file (or an object) is a one-line CacheError."""
+    if not is_url(path):
+        p = Path(path)
+        if not p.exists():
+            return None
+        if not p.is_dir():
+            raise CacheError(f"--out {path} is an existing file, not a cache folder; give the path of a new folder")
+        return sorted(x.name for x in p.iterdir())
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    fs.invalidate_cache(root)  # fsspec instances are shared with zarr's store: no stale listing
+    try:
+        if fs.isfile(root):
+            raise CacheError(f"--out {path} is an existing object, not a cache prefix; give a new prefix")
+        return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(root, detail=False)) or None
+    except FileNotFoundError:
+        return None
 
 
 def local_root(group) -> Path | None:
@@ -141,3 +181,17 @@ def set_many(reqs: list) -> None:
 def exists(store, key: str) -> bool:
     """Whether the store holds an object under ``key`` (e.g. one shard file)."""
     return bool(_zarr_sync(store.exists(key)))
+
+
+async def _gather_exists(store, keys):
+    return await asyncio.gather(*(store.exists(k) for k in keys))
+
+
+def exists_many(store, keys: list[str]) -> list[bool]:
+    """`exists` for several keys in one event-loop round trip."""
+    return [bool(x) for x in _zarr_sync(_gather_exists(store, keys))]
+
+
+def shard_key(arr, shard: int) -> str:
+    """The store key of one shard file of a per-item array (sharded along its first axis)."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from . import storage
+from .arrays import unreadable_markers
+from .errors import DAMAGED
 from .layout import ItemMeta
 
 if TYPE_CHECKING:
@@ -32,19 +34,30 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_shard_files(A: dict, names: list[str], s: int, rep: VerifyReport) -> None:
-    store = A["meta"].store
-    for name in names:
-        if name == "shard_done" or name.startswith("bases/"):
-            continue
-        arr = A[name]
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))}"
-        # rois/params of a shard can legitimately be all fill (no boxes); meta never is,
-        # and all-zero teacher features for a whole shard would be a problem anyway.
-        if name in ("rois", "logits", "params") or storage.exists(store, key):
-            continue
-        hint = "" if name == "meta" else " (or every value in it is zero)"
-        rep.problems.append(f"shard {s}: {name} shard file {key} missing{hint}")
+def _missing_shard_files(A: dict, names: list[str], s: int, rep: VerifyReport) -> set[str]:
+    """The arrays of `names` whose shard file of shard `s` is absent (each reported)."""
+    keys = [storage.shard_key(A[n], s) for n in names]
+    missing = set()
+    for name, key, ok in zip(names, keys, storage.exists_many(A["meta"].store, keys)):
+        if not ok:
+            missing.add(name)
+            rep.problems.append(f"shard {s}: {name} shard file {key} missing")
+    return missing
+
+
+def _missing_tiles(stored: np.ndarray, tile: tuple[int, int]) -> list[tuple[int, int]]:
+    """(y, x) origins of the tiles of one item's level (stored[C, h, w], its own extent) whose
+    chunk is absent. Zarr stores no chunk that is all fill (zero), so an absent chunk reads as
+    zeros; a written tile inside an extent is never all zero (no teacher output is), so an
+    all-zero tile is a missing chunk."""
+    th, tw = tile
+    nz = np.any(stored != 0, axis=0)
+    h, w = nz.shape
+    ny, nx = -(-h // th), -(-w // tw)
+    grid = np.zeros((ny * th, nx * tw), bool)  # a tile only partly inside the extent counts its inside part
+    grid[:h, :w] = nz
+    present = grid.reshape(ny, th, nx, tw).any(axis=(1, 3))
+    return [(int(y) * th, int(x) * tw) for y, x in zip(*np.nonzero(~present))]
 
 
 def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | None = None) -> VerifyReport:
@@ -56,9 +69,12 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
     rep = VerifyReport(shards_total=L.num_shards)
     try:
         done = np.asarray(A["shard_done"][:], dtype=bool)
-    except Exception as e:
-        rep.problems.append(f"shard_done markers unreadable: {type(e).__name__}: {e}")
-        done = np.zeros(L.num_shards, bool)
+    except Exception:
+        bad, first = unreadable_markers(A["shard_done"])
+        # a shard with an unreadable marker is still checked: its data may be intact
+        done = np.array([s in bad or bool(A["shard_done"][s]) for s in range(L.num_shards)], bool)
+        rep.problems.append(f"shard_done marker of shard {', '.join(map(str, bad))} unreadable ({first}): which "
+                            f"shards are complete is unknown; {DAMAGED}")
     for name in L.basis_names():  # side data every shard decodes with
         try:
             if not np.isfinite(np.asarray(A[name][:])).all():
@@ -73,7 +89,6 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
                 progress(s + 1, L.num_shards)
             continue
         rep.shards_done += 1
-        _check_shard_files(A, L.array_names(), s, rep)
         sel = slice(rng.start, rng.stop)
 
         def read_checked(name):
@@ -91,6 +106,12 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
                 return out
 
         metas = [ItemMeta.from_row(row) for row in read_checked("meta")]
+        # every array holding part of a written item must have this shard's file (rois/logits
+        # only if an item has rows); zarr would read a missing one as zeros
+        per_item = [n for n, _ in L.all_levels] + ["meta"] + (["params"] if cache.codec.has_params else [])
+        if any(m.n_proposals + m.n_gt > 0 for m in metas):
+            per_item += ["rois"] + (["logits"] if L.separate_logits else [])
+        missing = _missing_shard_files(A, per_item, s, rep)
         rois = read_checked("rois")
         logits = read_checked("logits") if L.separate_logits else None
         params = read_checked("params") if cache.codec.has_params else None
@@ -108,6 +129,10 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
             for (name, spec), (h, w) in zip(L.all_levels, m.extents):
                 if not (0 < h <= spec.max_h and 0 < w <= spec.max_w):
                     rep.problems.append(f"{who}: {name} extent {(h, w)} out of range")
+            P = L.max_proposals
+            for what, rows in (("proposal", rois[b, :m.n_proposals]), ("gt", rois[b, P:P + m.n_gt])):
+                if "rois" not in missing and rows.size and not rows.any():
+                    rep.problems.append(f"{who}: rois chunk missing ({len(rows)} {what} rows read as zeros)")
             if not np.isfinite(rois[b]).all():
                 rep.problems.append(f"{who}: rois hold non-finite values")
             if logits is not None and not np.isfinite(logits[b]).all():
@@ -120,6 +145,12 @@ def verify_cache(cache: "TeacherCache", progress: Callable[[int, int], None] | N
                 h, w = metas[b].extents[li]
                 if h <= 0 or w <= 0:
                     continue
+                gaps = [] if name in missing else _missing_tiles(stored[b, :, :h, :w], spec.tile)
+                if gaps:
+                    (y, x), (th, tw) = gaps[0], spec.tile
+                    rep.problems.append(f"shard {s} item {i}: {name} chunk missing inside the item's extent {h}x{w} "
+                                        f"(tile y {y}..{y + th - 1}, x {x}..{x + tw - 1}"
+                                        + (f", and {len(gaps) - 1} more tiles)" if len(gaps) > 1 else ")"))
                 x = cache.decode_level(stored[b, :, :h, :w], None if params is None else params[b], li)
                 if not torch.isfinite(x).all():
                     rep.problems.append(f"shard {s} item {i}: {name} holds non-finite values")

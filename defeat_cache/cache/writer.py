@@ -8,7 +8,6 @@ writers on one shard lose data silently.  The arrays are laid out as layout.py d
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,12 +16,14 @@ from zarr.codecs import Crc32cCodec
 
 from ..models.teacher import TeacherOutput
 from . import storage
+from .arrays import array_specs, open_checked_arrays, read_shard_done
 from .codecs import FeatureCodec, small_array_compressors
 from .compact import LevelBasis
 from .errors import CacheError, CacheMismatchError, NonFiniteError, NotACacheError
-from .layout import CacheLayout, ItemMeta, meta_columns
-from .manifest import MANIFEST_KEY, comparable_part, mismatch_message, new_manifest, now
+from .layout import CacheLayout, ItemMeta
+from .manifest import CREATING_KEY, MANIFEST_KEY, comparable_part, mismatch_message, new_manifest, now, read_manifest
 from .reader import read_bases
+from .target import MEMBER_NAMES, OutState, probe_out
 
 __all__ = ["CacheWriter"]
 
@@ -31,37 +32,25 @@ _STALE_PARTIAL_S = 3600.0
 
 def _create_arrays(group, layout: CacheLayout, bases: dict | None = None) -> None:
     codec = layout.codec_object()
-    N, S = layout.num_items, layout.items_per_shard
-    for name, spec in layout.all_levels:
-        th, tw = spec.tile
-        Hp, Wp = spec.padded
-        C = spec.stored
+    specs = array_specs(layout)
+    for name, _ in layout.all_levels:
+        sp = specs[name]
         group.create_array(
-            name, shape=(N, C, Hp, Wp), dtype=codec.stored_dtype, chunks=(1, C, th, tw),
-            shards=(S, C, Hp, Wp), serializer=codec.serializer(), compressors=codec.compressors(),
-            fill_value=0, dimension_names=("item", "channel", "y", "x"),
+            name, shape=sp.shape, dtype=sp.dtype, chunks=sp.chunks, shards=sp.shards, serializer=codec.serializer(),
+            compressors=codec.compressors(), fill_value=0, dimension_names=("item", "channel", "y", "x"),
         )
     for name in layout.basis_names():  # side data, written once here, before any shard
-        level = name[len("bases/"):]
-        a = bases[level].to_array()
-        arr = group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape,
+        sp = specs[name]
+        arr = group.create_array(name, shape=sp.shape, dtype=sp.dtype, chunks=sp.chunks,
                                  compressors=small_array_compressors(), fill_value=0.0)
-        arr[:] = a
-    if codec.has_params:
-        T, P = layout.total_stored_channels, codec.params_per_channel
-        group.create_array("params", shape=(N, T, P), dtype="float32", chunks=(1, T, P), shards=(S, T, P),
-                           compressors=small_array_compressors(), fill_value=0.0)
-    R, K = layout.rows, layout.num_logits
-    F = 5 if layout.separate_logits else 5 + K
-    group.create_array("rois", shape=(N, R, F), dtype="float32", chunks=(1, R, F),
-                       shards=(S, R, F), compressors=small_array_compressors(), fill_value=0.0)
-    if layout.separate_logits:
-        group.create_array("logits", shape=(N, R, K), dtype=layout.logits_dtype, chunks=(1, R, K),
-                           shards=(S, R, K), compressors=small_array_compressors(), fill_value=0.0)
-    M = len(meta_columns(layout))
-    group.create_array("meta", shape=(N, M), dtype="int64", chunks=(1, M), shards=(S, M),
-                       compressors=small_array_compressors(), fill_value=0)
-    group.create_array("shard_done", shape=(layout.num_shards,), dtype="bool", chunks=(1,),
+        arr[:] = bases[name[len("bases/"):]].to_array()
+    for name in ("params", "rois", "logits", "meta"):
+        if name in specs:
+            sp = specs[name]
+            group.create_array(name, shape=sp.shape, dtype=sp.dtype, chunks=sp.chunks, shards=sp.shards,
+                               compressors=small_array_compressors(), fill_value=0)
+    sp = specs["shard_done"]
+    group.create_array("shard_done", shape=sp.shape, dtype=sp.dtype, chunks=sp.chunks,
                        compressors=[Crc32cCodec()], fill_value=False)
 
 
@@ -86,7 +75,7 @@ class CacheWriter:
         self.codec: FeatureCodec = layout.codec_object()
         self._storage_options = storage_options
         self._group = group
-        self._arrays = {name: group[name] for name in layout.array_names()}
+        self._arrays = open_checked_arrays(group, layout, path)
         self.bases: dict[str, LevelBasis] = read_bases(group, layout)
 
     # ---- construction
@@ -94,65 +83,53 @@ class CacheWriter:
     def create_or_resume(cls, path, provenance: dict, layout: CacheLayout, create: bool = True,
                          storage_options: dict | None = None,
                          fit_bases: Callable[[], dict[str, LevelBasis]] | None = None) -> "CacheWriter":
-        """New path: create group, arrays and manifest (complete=False).  Existing cache:
-        refuse with CacheMismatchError if provenance/layout/codec/schema differ, else resume.
+        """Nothing at path (or our own interrupted creation): create group, arrays and manifest
+        (complete=False).  Existing cache: refuse with CacheMismatchError if provenance/layout/
+        codec/schema differ, else resume.  Anything else at path is refused (target.py).
         ``create=False`` only opens an existing cache (non-zero ranks, after rank 0 made it).
         Basis codecs: ``fit_bases()`` (level array name -> LevelBasis) is called only when the
         cache is created; the bases and their ranks are stored before any shard, and a resumed
-        or other-rank writer reads them back, so every shard uses the same ones."""
+        or other-rank writer reads them back, so every shard uses the same ones.
+        Extraction calls this holding the cache's lock (lock.py): one creator at a time."""
         storage.configure_zarr_threads()
         layout.validate()
-        ours = comparable_part(layout, provenance)
-        try:
-            group = storage.open_group(path, "r+", storage_options)
-        except FileNotFoundError:
-            group = None
-
-        interrupted = False
-        if group is not None and MANIFEST_KEY not in group.attrs:
-            members = set(layout.array_names()) | {"features", "backbone", "bases"}
-            found = set(group.keys())
-            if create and found <= members:
-                group, interrupted = None, True  # creation was interrupted before the manifest: start over
-            else:
-                raise NotACacheError(
-                    f"{path} is a zarr group without a defeat-cache manifest "
-                    f"(members {sorted(found)}); use a new --out or delete it")
-
-        if group is None:
+        state = probe_out(path, storage_options)
+        if state.kind != "cache":
             if not create:
                 raise NotACacheError(f"no cache at {path} (the creating rank must create it first)")
-            # zarr's mode "w" deletes everything under the path: only ever on our own leftovers
-            if storage.is_url(path):
-                if not interrupted and storage.url_holds_objects(path, storage_options):
-                    raise NotACacheError(f"{path} already holds objects and is not a defeat-cache cache; "
-                                         f"use a new, empty --out prefix")
-            elif isinstance(path, (str, Path)):
-                p = Path(path)
-                if p.exists() and (not p.is_dir() or any(x.name != "zarr.json" for x in p.iterdir())):
-                    if not (p / "zarr.json").exists():
-                        raise NotACacheError(f"{path} exists and is not a defeat-cache cache; "
-                                             f"use a new --out or delete it")
-            bases = None
-            if layout.codec_object().needs_basis:
-                if fit_bases is None:
-                    raise ValueError(f"codec {layout.codec} needs fit_bases to create a cache")
-                bases = fit_bases()
-                layout = layout.with_ranks({name: bases[name].rank for name, _ in layout.all_levels})
-            group = storage.open_group(path, "w", storage_options)
-            _create_arrays(group, layout, bases)
-            group.attrs[MANIFEST_KEY] = new_manifest(layout, provenance)  # written last: its presence = arrays exist
-            return cls(path, group, layout, storage_options)
-
-        stored = dict(group.attrs[MANIFEST_KEY])
-        msg = mismatch_message(path, stored, ours)
+            return cls._create(path, provenance, layout, storage_options, fit_bases, state)
+        stored, stored_layout = read_manifest(state.attrs, path)
+        msg = mismatch_message(path, stored, comparable_part(layout, provenance))
         if msg:
             raise CacheMismatchError(msg)
         # the stored layout: the same as ours but for the basis ranks fitted at creation
-        writer = cls(path, group, CacheLayout.from_dict(stored["layout"]), storage_options)
+        writer = cls(path, storage.open_group(path, "r+", storage_options), stored_layout, storage_options)
         if create:
             writer._remove_stale_partials()
         return writer
+
+    @classmethod
+    def _create(cls, path, provenance: dict, layout: CacheLayout, storage_options: dict | None,
+                fit_bases, state: OutState) -> "CacheWriter":
+        bases = None
+        if layout.codec_object().needs_basis:
+            if fit_bases is None:
+                raise ValueError(f"codec {layout.codec} needs fit_bases to create a cache")
+            bases = fit_bases()
+            layout = layout.with_ranks({name: bases[name].rank for name, _ in layout.all_levels})
+        # The creation marker is the first thing written: whatever a crash leaves from here on
+        # is recognisably ours (target.py), so the next run may clear it and start over.
+        marker = {CREATING_KEY: {"started": now()}}
+        if state.kind == "interrupted":
+            group = storage.open_group(path, "r+", storage_options)
+            storage.delete_members(group, sorted(MEMBER_NAMES))
+            group.attrs.put(marker)
+        else:
+            group = storage.create_group(path, marker, storage_options)
+        _create_arrays(group, layout, bases)
+        # one write replaces the marker by the manifest: its presence = all arrays exist
+        group.attrs.put({MANIFEST_KEY: new_manifest(layout, provenance)})
+        return cls(path, group, layout, storage_options)
 
     # ---- state
     def _fresh_group(self):
@@ -170,7 +147,7 @@ class CacheWriter:
         return self.layout.shard_items(shard_index)
 
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self._arrays["shard_done"][:], dtype=bool)
+        return read_shard_done(self._arrays["shard_done"], self.path)
 
     def pending_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.done_mask())]

@@ -195,14 +195,17 @@ class Distiller(nn.Module):
         # RoI's own IoU with the GT (docs/method.md#where-the-positive-flag-comes-from), never from the student's sampling.
         pos_masks, neg_masks = self.kd_sampler([p.long() for p in positive])
         keep = [(pm | nm).bool() for pm, nm in zip(pos_masks, neg_masks)]
-        if cfg["mode"] == "sub_negative":  # per image: its sampled positives and as many of its negatives
+        mode = cfg["mode"]
+        if mode in ("sub_negative", "all_sub_negative"):  # per image: its sampled positives and as many negatives
             gens = image_generators(seeds, "sub_negative", device) or [None] * len(keep)
             keep = [_scatter_keep(k, subsample_negatives(p[k], g)) for k, p, g in zip(keep, positive, gens)]
+        elif mode in ("all_positive", "all_negative"):  # the sampled RoIs of one kind only
+            keep = [k & (p if mode == "all_positive" else ~p) for k, p in zip(keep, positive)]
         rois = [r[k] for r, k in zip(rois, keep)]
         t_all = torch.cat([lg[k] for lg, k in zip(t_logits, keep)])
         pos_all = torch.cat([p[k] for p, k in zip(positive, keep)])
         s_all = roi_class_logits(student, out.fpn, rois, out.images.image_sizes).float()
-        if cfg["mode"] == "all":
+        if mode.startswith("all"):
             return {"loss_cls_kd": all_cls_kd_loss(s_all, t_all, float(cfg["t"]), float(cfg["lam"]))}
         return cls_kd_terms(s_all, t_all, pos_all, cfg["beta_obj"], cfg["beta_bg"], cfg["t_obj"], cfg["t_bg"])
 

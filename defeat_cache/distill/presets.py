@@ -12,7 +12,8 @@ from ..models.zoo import CONFIG_DIR
 
 PRESET_DIR = CONFIG_DIR / "distill"
 MASK_KINDS = ("gt", "fgfi", "gaussian", "random", "all")
-CLS_MODES = ("decoupled", "all", "sub_negative")
+# "all_*": the all-cls formula (paper Eq. 2: lam x mean KL_t, one temperature) over a subset of the sampled RoIs
+CLS_MODES = ("decoupled", "all", "sub_negative", "all_positive", "all_negative", "all_sub_negative")
 
 # The feature-KD methods besides DeFeat (docs/method.md#other-feature-kd-methods), one optional
 # section each; a preset without the section gets these values (the authors' Faster R-CNN COCO
@@ -50,7 +51,8 @@ def _typed_value(old, text: str, assignment: str):
         return text.lower() == "true"
     value = _toml_value(text)
     if isinstance(old, int):
-        if not isinstance(value, int) or isinstance(value, bool):
+        # a float too: a preset may write a weight as `16`; `validate` holds the integer keys to integers
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise DataError(f"{what}: expected an integer (the preset's value is {old})")
         return value
     if isinstance(old, float):

@@ -44,7 +44,7 @@ def _predict_views(model, data, pre, device, batch_size, workers, show_progress)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=mine, collate_fn=collate,
                         num_workers=workers, persistent_workers=False)
     results = []
-    bar = progress(len(dataset), "eval", enabled=show_progress)
+    bar = progress(len(dataset), "eval", unit="img", enabled=show_progress)
     use_amp = device.type == "cuda"
     for batch in loader:
         images = [s["image"].to(device, non_blocking=True) for s in check_batch(batch)]

@@ -1,14 +1,22 @@
-"""What a training run writes to its folder (config.json, last.pt, final.pt) and how --resume reads last.pt back.
+"""What a training run writes to its folder and how --resume reads it back.
 
-last.pt is the trained model (`models.checkpoint.trained_model_payload`) plus the training
-state (the TrainStep with its adapters, optimizer, lr scheduler, AMP scaler, RNG); final.pt
-is the trained model alone, which is all `load_trained` and `eval` need.
+RUN_DIR holds config.json, metrics.jsonl, train.log, tb/ (TensorBoard events; engine.run_log
+writes those three), last.pt, final.pt, best.pt and epoch_NN.pt. last.pt is the trained model
+(`models.checkpoint.trained_model_payload`) plus the training state (the TrainStep with its
+adapters, optimizer, lr scheduler, AMP scaler, RNG) and the run's state (cumulative training
+time); final.pt, best.pt (the evaluation with the highest AP, with its metrics) and
+epoch_NN.pt (after NN epochs, --keep-epochs) are the trained model alone, which is all
+`load_trained` and `eval` need.
+
+A folder holding a run is only ever continued (--resume) or started over (--force, which
+removes these files and nothing else).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import re
 import time
 from pathlib import Path
 
@@ -54,13 +62,16 @@ def read_config(path: Path) -> dict | None:
 
 # Options a resumed run may change, since they do not change what is computed: where and how fast it
 # runs, what it prints, how often last.pt is written, when it stops (--max-iters only cuts the
-# schedule short). --batch-size may change while the global batch stays (`resume` checks that).
+# schedule short), what else it writes (evaluations, epoch checkpoints; evaluating changes no
+# weight) and how the folder was started (--force). --batch-size may change while the global batch
+# stays (`resume` checks that).
 # The dataset and the student are compared by what they resolve to (the dataset's fingerprint, the
 # model's config), so a moved dataset folder or a model named by path resumes. Storage options are
 # endpoints and credentials. Every other option, and a --cache or --teacher given by another path, is
 # a change: resuming would mix two computations under one config.json.
-RESUME_MAY_CHANGE = frozenset({"out", "resume", "device", "workers", "progress", "log_every", "checkpoint_minutes",
-                               "max_iters", "batch_size", "data", "student", "storage_options", "cache_in_memory"})
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "force", "device", "workers", "progress", "log_every",
+                               "checkpoint_minutes", "eval_every", "keep_epochs", "max_iters", "batch_size", "data",
+                               "student", "storage_options", "cache_in_memory"})
 # What the options resolved to, compared too (total_iters follows --max-iters; global_batch has its own check).
 _RESOLVED = {"model": "student model", "dataset_fingerprint": "dataset fingerprint", "lr": "resolved lr",
              "lr_steps": "lr steps", "num_classes": "classes", "class_names": "class names",
@@ -72,6 +83,8 @@ def _differences(old, new, label: str, prefix: str):
     """(label, old, new) of every difference; nested dicts (a preset, a model config) key by key."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in [*old, *(k for k in new if k not in old)]:
+            if k == "description":  # a preset's or model's prose changes nothing computed
+                continue
             yield from _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}", f"{prefix}{k}.")
     elif old != new:
         yield label, old, new
@@ -103,17 +116,85 @@ def check_resume_config(old: dict, new: dict, where: str | Path) -> None:
                         "options (its config.json), or train into a new --out")
 
 
+# ---------------------------------------------------------------- the run folder
+#: The files that make a folder a run: training into it needs --resume or --force.
+RUN_MARKERS = ("config.json", "last.pt", "metrics.jsonl", "final.pt")
+#: Every file a run writes at the top of its folder (epoch_NN.pt and tb/'s event files besides).
+RUN_FILES = (*RUN_MARKERS, "best.pt", "train.log")
+_EPOCH_FILE = re.compile(r"epoch_\d+\.pt")
+_TB_EVENTS = "events.out.tfevents."
+
+
+def check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuses to train into a folder that holds a run unless told to continue or restart it."""
+    if resume and force:
+        raise UserError("--resume continues the run in --out and --force starts it over: give one of them")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run")
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found and not (resume or force):
+        raise UserError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume, "
+                        "start it over with --force (removes that run's files, nothing else), or choose another --out")
+
+
+def _our_files(out: Path) -> list[Path]:
+    """The files a run wrote in `out` (with their .partial leftovers); nothing else."""
+    names = [*RUN_FILES, *(p.name for p in out.glob("epoch_*.pt") if _EPOCH_FILE.fullmatch(p.name))]
+    files = [out / n for n in names] + [out / (n + ".partial") for n in names]
+    tb = out / "tb"
+    if tb.is_dir():
+        files += [p for p in tb.iterdir() if p.is_file() and p.name.startswith(_TB_EVENTS)]
+    return [f for f in files if f.is_file()]
+
+
+def clear_run(out: Path) -> list[str]:
+    """Removes an earlier run's files from `out` (a fresh start, or --force) and returns their
+    names; files the run did not write stay, and so does tb/ when anything else is in it."""
+    removed = _our_files(out)
+    for f in removed:
+        f.unlink()
+    tb = out / "tb"
+    if tb.is_dir() and not any(tb.iterdir()):
+        tb.rmdir()
+    return [str(f.relative_to(out)) for f in removed]
+
+
+def trim_metrics(path: Path, iteration: int) -> list[dict]:
+    """Keeps the metrics.jsonl lines up to `iteration` (where a resumed run continues) and
+    returns them: what a killed run logged after its last checkpoint is trained and logged
+    again, so the file keeps one line per logged iteration (and a cut-off last line goes)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iter", iteration + 1) <= iteration:
+            kept.append(record)
+    tmp = path.with_suffix(".jsonl.partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept
+
+
+# ---------------------------------------------------------------- checkpoints
 class Checkpoints:
-    """RUN_DIR/last.pt (rewritten every `every_minutes` and at the end) and final.pt (when the
-    schedule is done). `step` is the engine.train.TrainStep: its `student` is the trained model.
-    Rank 0 writes them; every rank may call."""
+    """RUN_DIR/last.pt (rewritten every `every_minutes` and at the end), final.pt (when the
+    schedule is done), best.pt (the evaluation with the highest AP) and epoch_NN.pt.
+    `step` is the engine.train.TrainStep: its `student` is the trained model; `clock` gives
+    the cumulative training seconds last.pt keeps. Rank 0 writes them; every rank may call."""
 
     def __init__(self, out: Path, spec: ModelSpec, data: DetectionData, pre: Preprocessing, step: nn.Module,
-                 optim: Optimization, schedule: Schedule, every_minutes: float):
-        self.last, self.final = out / "last.pt", out / "final.pt"
+                 optim: Optimization, schedule: Schedule, every_minutes: float, clock=None):
+        self.out = out
+        self.last, self.final, self.best = out / "last.pt", out / "final.pt", out / "best.pt"
         self.spec, self.data, self.pre = spec, data, pre
         self.step, self.optim, self.schedule = step, optim, schedule
         self.every_seconds = every_minutes * 60
+        self.clock = clock
+        self.best_eval: dict | None = None  # {"AP", "iter", "epoch", ...} of best.pt (rank 0)
         self.saved_iteration: int | None = None  # of the last.pt this process wrote
         self.restart_timer()
 
@@ -126,9 +207,10 @@ class Checkpoints:
 
     def save_last(self, iteration: int) -> None:
         if du.is_main_process():
+            run_state = {"train_seconds": self.clock.seconds()} if self.clock is not None else {}
             self._save(self.last, **self._trained_model(iteration), total_iters=self.schedule.total_iters,
                        global_batch=self.schedule.global_batch, train_state=self.step.state_dict(),
-                       **self.optim.state_dict(), rng={"torch": torch.get_rng_state()})
+                       **self.optim.state_dict(), rng={"torch": torch.get_rng_state()}, run_state=run_state)
             self.saved_iteration = iteration
 
     def save_last_if_due(self, iteration: int) -> None:
@@ -164,10 +246,34 @@ class Checkpoints:
             return "no checkpoint was written yet (a re-run starts from iteration 0)"
         return f"{self.last.name} of iteration {iteration} is intact"
 
+    def save_epoch(self, epochs_done: int, iteration: int) -> Path:
+        """epoch_NN.pt: the model after `epochs_done` epochs (--keep-epochs)."""
+        path = self.out / f"epoch_{epochs_done:02d}.pt"
+        if du.is_main_process():
+            self._save(path, **self._trained_model(iteration))
+        return path
+
+    def load_best(self) -> None:
+        """Resuming: best.pt's evaluation is the one to beat (rank 0)."""
+        if du.is_main_process() and self.best.is_file():
+            self.best_eval = read_checkpoint(self.best).get("best")
+
+    def save_best_if_better(self, iteration: int, evaluation: dict | None) -> bool:
+        """Writes best.pt when `evaluation` (`{"AP", "iter", "epoch", ...}`; None on ranks
+        other than 0) has a higher AP than best.pt's; returns whether it did. Ties keep the
+        earlier model; an AP of None (no ground truth to score) is never the best."""
+        if evaluation is None or evaluation["AP"] is None or (
+                self.best_eval is not None and evaluation["AP"] <= self.best_eval["AP"]):
+            return False
+        self._save(self.best, **self._trained_model(iteration), best=evaluation)
+        self.best_eval = evaluation
+        return True
+
 
 def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, optim: Optimization,
-           config: dict | None = None) -> int:
-    """Loads `last` (if it exists) into the step and optimizer; returns the iteration to continue from.
+           config: dict | None = None) -> tuple[int, dict]:
+    """Loads `last` (if it exists) into the step and optimizer; returns the iteration to continue
+    from and the run state saved with it (`{"train_seconds": ...}`; {} from scratch).
 
     `config` (`run_config` of this run) is checked against the run's config.json first."""
     # Rank 0 reads last.pt and config.json and hands them to the others (ranks on other nodes may not
@@ -177,7 +283,7 @@ def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, opt
                                          if du.is_main_process() and last.is_file() else (None, None))
     if ck is None:
         log(f"--resume: no {last} yet, starting from scratch")
-        return 0
+        return 0, {}
     if ck.get("model", {}).get("name") != spec.name:
         raise UserError(f"{last}: checkpoint is of model {ck.get('model', {}).get('name')!r}, not {spec.name!r}")
     # Iterations, epochs and the lr schedule count global batches: another size would
@@ -194,7 +300,7 @@ def resume(last: Path, spec: ModelSpec, schedule: Schedule, step: nn.Module, opt
     iteration = int(ck["iteration"])
     torch.set_rng_state(ck["rng"]["torch"])
     log(f"resumed from {last} at iteration {iteration}/{schedule.total_iters}")
-    return iteration
+    return iteration, dict(ck.get("run_state") or {})
 
 
 def _check_state_fits(last: Path, step: nn.Module, state: dict) -> None:
@@ -211,4 +317,5 @@ def _check_state_fits(last: Path, step: nn.Module, state: dict) -> None:
                         "resume with this run's options, or train into a new --out")
 
 
-__all__ = ["Checkpoints", "check_resume_config", "read_config", "resume", "run_config", "write_config"]
+__all__ = ["Checkpoints", "RUN_FILES", "RUN_MARKERS", "check_resume_config", "check_run_dir", "clear_run",
+           "read_config", "resume", "run_config", "trim_metrics", "write_config"]

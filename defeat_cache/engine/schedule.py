@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import distributed as du
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -25,18 +26,41 @@ class Schedule:
 
 
 def plan_schedule(samples_per_epoch: int, batch_size: int, *, epochs: float | None, schedule: float,
-                  max_iters: int | None, lr: float | None, lr_per_image: float) -> Schedule:
-    """12 x `schedule` epochs unless `epochs` is given, lr /10 after 8/12 and 11/12 of them;
-    `lr` default: `lr_per_image` x the global batch. `samples_per_epoch`: this rank's."""
+                  max_iters: int | None, lr: float | None, lr_per_image: float,
+                  lr_step_epochs: tuple[float, ...] | None = None) -> Schedule:
+    """12 x `schedule` epochs unless `epochs` is given, lr /10 after 8/12 and 11/12 of them
+    (or after each of `lr_step_epochs`); `lr` default: `lr_per_image` x the global batch.
+    `samples_per_epoch`: this rank's."""
     batches_per_epoch = max(1, math.ceil(samples_per_epoch / batch_size))
-    epochs = epochs if epochs is not None else 12 * schedule
+    epochs = run_epochs(epochs, schedule)
     schedule_iters = max(1, int(round(epochs * batches_per_epoch)))
     # --max-iters only decides when to stop: the schedule (warm-up, steps) stays the full run's.
     total_iters = min(schedule_iters, max_iters) if max_iters else schedule_iters
-    lr_steps = [int(round(epochs * batches_per_epoch * f / 12)) for f in (8, 11)]
+    if lr_step_epochs is None:
+        lr_steps = [int(round(epochs * batches_per_epoch * f / 12)) for f in (8, 11)]
+    else:
+        lr_steps = [int(round(e * batches_per_epoch)) for e in lr_step_epochs]
     global_batch = batch_size * du.world_size()
     lr = lr if lr is not None else lr_per_image * global_batch
     return Schedule(batch_size, global_batch, batches_per_epoch, schedule_iters, total_iters, lr_steps, lr)
+
+
+def run_epochs(epochs: float | None, schedule: float) -> float:
+    """The run's length in epochs: `epochs`, or 12 x `schedule` (the paper's 1x = 12)."""
+    return epochs if epochs is not None else 12 * schedule
+
+
+def parse_lr_steps(text: str) -> tuple[float, ...]:
+    """`--lr-steps 8,11` -> (8.0, 11.0): the epochs after which the lr drops by 10 ("" = never)."""
+    steps = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            steps.append(float(part))
+        except ValueError:
+            raise UserError(f"--lr-steps {text!r}: {part!r} is not a number; give epochs, e.g. --lr-steps 8,11") from None
+    return tuple(steps)
 
 
 def _lr_lambda(steps: list[int], warmup_iters: int, warmup_factor: float):
@@ -93,4 +117,4 @@ def build_optimization(module: nn.Module, schedule: Schedule, *, momentum: float
     return Optimization(params, optimizer, scheduler, scaler, grad_clip, use_amp)
 
 
-__all__ = ["Optimization", "Schedule", "build_optimization", "plan_schedule"]
+__all__ = ["Optimization", "Schedule", "build_optimization", "parse_lr_steps", "plan_schedule", "run_epochs"]

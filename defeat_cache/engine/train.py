@@ -1,9 +1,12 @@
 """Student training: the paper's SGD schedule, with or without DeFeat distillation.
 
-One loop for all modes, read top to bottom. `train` sets a run up (the student; when
-distilling, the teacher source and the criterion; the data; the optimizer and lr schedule),
-resumes it from last.pt if asked, runs `train_one_epoch` until the schedule's iterations are
-done or a stop is requested, and writes the checkpoints. In each step the teacher source
+One loop for all modes, read top to bottom. `train` checks the options and the run folder
+(a run in it is only continued with --resume or started over with --force), sets a run up
+(the student; when distilling, the teacher source and the criterion; the data; the optimizer
+and lr schedule), resumes it from last.pt if asked, runs `train_one_epoch` until the
+schedule's iterations are done or a stop is requested (Ctrl-C / SIGTERM: a checkpoint, then
+the summary says which signal), evaluates on the val split every --eval-every epochs and
+after the last iteration (best.pt keeps the highest AP), and writes the checkpoints. In each step the teacher source
 gives the batch's teacher outputs (the cached items the DataLoader streamed with the batch,
 or a teacher's forward in memory) and the criterion turns them into KD loss terms, added to
 the detector's own losses.
@@ -12,6 +15,7 @@ the detector's own losses.
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.ops import FrozenBatchNorm2d
 
 from .. import distributed as du
 from ..data.dataset import ViewDataset, ViewSampler, check_batch, collate, load_dataset
@@ -34,11 +39,13 @@ from ..models.forward import detector_forward
 from ..models.sampling import item_seed, samplers_of, seeded_sampling
 from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..options import check_device, check_int, check_positive
-from ..progress import log, progress
+from ..progress import log, log_file
 from ..seeding import seeded_init
 from ..views import Preprocessing, ViewSet
-from .run_files import Checkpoints, resume, run_config, write_config
-from .schedule import Optimization, Schedule, build_optimization, plan_schedule
+from .evaluate import evaluate
+from .run_files import Checkpoints, check_run_dir, clear_run, resume, run_config, trim_metrics, write_config
+from .run_log import RunClock, RunLog
+from .schedule import Optimization, Schedule, build_optimization, plan_schedule, run_epochs
 
 
 @dataclass
@@ -53,9 +60,10 @@ class TrainOptions:
     lr: float | None = None  # default: lr_per_image (model config) x global batch
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    lr_steps: tuple[float, ...] | None = None  # epochs after which the lr drops /10; default 8/12, 11/12 of the run
     warmup_iters: int = 500
     warmup_factor: float = 0.001
-    grad_clip: float = 35.0
+    grad_clip: float = 35.0  # max gradient norm; 0 = no clipping
     seed: int = 0
     device: str = "cpu"
     amp: bool = True  # only on CUDA
@@ -63,6 +71,9 @@ class TrainOptions:
     log_every: int = 20
     checkpoint_minutes: float = 10.0
     resume: bool = False
+    force: bool = False  # start over in an --out that holds a run (removes that run's files)
+    eval_every: int | None = None  # COCO eval on the val split every N epochs and after the last iteration
+    keep_epochs: bool = False  # also keep the model after each epoch (epoch_NN.pt)
     init_weights: str | None = None  # detector or ImageNet backbone state dict
     views: str = "orig,hflip"  # random horizontal flip 0.5 = two views, one per (image, epoch)
     sync_bn: bool = False
@@ -87,17 +98,33 @@ class TrainOptions:
         check_positive("--schedule", self.schedule, "1 = the 1x schedule of 12 epochs")
         check_positive("--lr", self.lr)
         check_device(self.device)
+        _check_sgd_and_run_options(self)
 
 
 def train(opts: TrainOptions) -> dict:
-    """Trains and returns a summary dict; writes RUN_DIR/{config.json,metrics.jsonl,last.pt,final.pt}."""
+    """Trains and returns a summary dict; writes RUN_DIR/{config.json,metrics.jsonl,train.log,tb/,
+    last.pt,final.pt} (and best.pt with --eval-every, epoch_NN.pt with --keep-epochs).
+
+    A stopped run (Ctrl-C / SIGTERM) writes last.pt and its summary has `stopped_by` (the
+    signal's name); `stop_exit_code` turns that into the process's exit status."""
     device = _init_device(opts)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(out, opts)
     data = load_dataset(opts.data, "train")
     spec = load_model_spec(opts.student)
-    log(data.summary())
+    val = _eval_data(opts, data)
+    out.mkdir(parents=True, exist_ok=True)
+    # a fresh start (--force, or leftovers of a run that never checkpointed): none of an earlier run's files stay
+    removed = clear_run(out) if du.is_main_process() and not opts.resume else []
+    with log_file(out / "train.log"):
+        if removed:
+            log(f"{out}: started over, removed the earlier run's {', '.join(removed)}")
+        return _train(opts, device, out, data, val, spec)
 
+
+def _train(opts: TrainOptions, device: torch.device, out: Path, data: DetectionData, val: DetectionData | None,
+           spec: ModelSpec) -> dict:
+    log(data.summary())
     _set_seed(opts.seed)
     # Each initialisation draws from its own generator (seeding.py): the order things are built
     # in (an online teacher or not) changes nothing.
@@ -109,48 +136,142 @@ def train(opts: TrainOptions) -> dict:
 
     sampler = ViewSampler(len(data.records), len(views), seed=opts.seed, rank=du.rank(), world_size=du.world_size())
     schedule = plan_schedule(len(sampler), opts.batch_size, epochs=opts.epochs, schedule=opts.schedule,
-                             max_iters=opts.max_iters, lr=opts.lr,
+                             max_iters=opts.max_iters, lr=opts.lr, lr_step_epochs=opts.lr_steps,
                              lr_per_image=float(spec.config.get("train", {}).get("lr_per_image", 0.02 / 16)))
     optim = build_optimization(step, schedule, momentum=opts.momentum, weight_decay=opts.weight_decay,
                                warmup_iters=opts.warmup_iters, warmup_factor=opts.warmup_factor,
                                grad_clip=opts.grad_clip, use_amp=opts.amp and device.type == "cuda")
 
-    start = time.time()
-    checkpoints = Checkpoints(out, spec, data, pre, step, optim, schedule, opts.checkpoint_minutes)
-    config = run_config(asdict(opts), spec, data, pre, schedule)
-    iteration = resume(checkpoints.last, spec, schedule, step, optim, config) if opts.resume else 0
+    clock = RunClock()
+    checkpoints = Checkpoints(out, spec, data, pre, step, optim, schedule, opts.checkpoint_minutes, clock)
+    iteration, pending_eval = 0, False
+    if opts.resume:
+        config = run_config(asdict(opts), spec, data, pre, schedule)
+        iteration, run_state = resume(checkpoints.last, spec, schedule, step, optim, config)
+        clock.before, pending_eval = _continue_run_files(out, iteration, run_state, schedule, opts, checkpoints)
     if iteration >= schedule.total_iters:
         log(f"{out}: training already finished ({iteration} iterations)")
         if not checkpoints.final.is_file():  # its writing failed (a full disk): last.pt holds the same model
             checkpoints.save_final(iteration)
-        return {"out": str(out), "iterations": iteration, "final": str(checkpoints.final)}
+        return _summary(out, iteration, schedule, clock, checkpoints, None, None)
     if du.is_main_process():
         write_config(out / "config.json", asdict(opts), spec, data, pre, schedule)
 
     checkpoints.restart_timer()
+    clock.started = time.time()  # setup is not training time
     step.train()
-    stopping = False
+    stopping, last_eval = None, None
+    evaluation = _Evaluation(step, val, pre, device, opts, checkpoints, clock, schedule)
     # closed on errors too, so that an error message starts its own line after the progress bar
-    with _StopRequest() as stop, MetricsLog(out / "metrics.jsonl", schedule, iteration, opts.log_every, start,
-                                            opts.progress, device) as metrics:
+    with _StopRequest() as stop, RunLog(out, schedule, iteration, opts.log_every, clock, opts.progress, device,
+                                        resumed=opts.resume) as metrics:
+        if pending_eval:  # the run was stopped right after the epoch this evaluation belongs to
+            last_eval = evaluation.run(iteration, metrics)
         while iteration < schedule.total_iters and not stopping:
             epoch, skip = divmod(iteration, schedule.batches_per_epoch)
             loader = _epoch_loader(dataset, sampler, epoch, skip, opts, device)
             iteration, stopping = train_one_epoch(step_fn, source, optim, loader, device, epoch, iteration,
                                                   total_iters=schedule.total_iters, seed=opts.seed,
                                                   metrics=metrics, checkpoints=checkpoints, stop=stop)
+            if opts.keep_epochs and iteration % schedule.batches_per_epoch == 0:
+                checkpoints.save_epoch(iteration // schedule.batches_per_epoch, iteration)
+            if _eval_due(iteration, schedule, opts.eval_every) and (not stopping or iteration >= schedule.total_iters):
+                last_eval = evaluation.run(iteration, metrics)
     checkpoints.save_last(iteration)
 
-    summary = {"out": str(out), "iterations": iteration, "total_iters": schedule.total_iters,
-               "train_seconds": round(time.time() - start, 1)}
+    summary = _summary(out, iteration, schedule, clock, checkpoints, last_eval, stopping)
     if iteration >= schedule.total_iters:
         checkpoints.save_final(iteration)
-        summary["final"] = str(checkpoints.final)
         log(f"finished {iteration} iterations in {summary['train_seconds']}s -> {checkpoints.final}")
     else:
-        log(f"stopped at iteration {iteration}/{schedule.total_iters}; re-run with --resume to continue")
+        log(f"stopped ({stopping}) at iteration {iteration}/{schedule.total_iters}; {checkpoints.last} is "
+            "written: re-run with --resume to continue")
+    log("summary " + json.dumps(summary), console=False)  # the console gets it on stdout from the CLI
     du.barrier()
     return summary
+
+
+#: Exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
+STOP_EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+
+
+def stop_exit_code(summary: dict) -> int:
+    """The process's exit status for a run's summary: 0, or 130 / 143 for a run Ctrl-C / SIGTERM stopped."""
+    return STOP_EXIT_CODES.get(summary.get("stopped_by"), 0)
+
+
+def _summary(out: Path, iteration: int, schedule: Schedule, clock: RunClock, checkpoints: Checkpoints,
+             last_eval: dict | None, stopped_by: str | None) -> dict:
+    summary = {"out": str(out), "iterations": iteration, "total_iters": schedule.total_iters,
+               "train_seconds": round(clock.seconds(), 1)}
+    if iteration >= schedule.total_iters:
+        summary["final"] = str(checkpoints.final)
+    if stopped_by:
+        summary["stopped_by"] = stopped_by
+    if last_eval is not None:
+        summary["eval"] = last_eval["eval"]
+    if checkpoints.best_eval is not None:
+        best = checkpoints.best_eval
+        summary["best"] = {"AP": best["AP"], "iter": best["iter"], "epoch": best["epoch"], "path": str(checkpoints.best)}
+    return summary
+
+
+# ---------------------------------------------------------------- options and the run folder
+def _check_sgd_and_run_options(opts: TrainOptions) -> None:
+    """TrainOptions' checks beyond the counts and positive numbers (`__post_init__`): one clear
+    error for a value no run can have, named by its command-line flag."""
+    def bad(flag: str, value, need: str):
+        raise UserError(f"{flag} {value}: {need}")
+
+    if not 0 <= opts.momentum < 1:
+        bad("--momentum", opts.momentum, "must be in [0, 1)")
+    if not (math.isfinite(opts.weight_decay) and opts.weight_decay >= 0):
+        bad("--weight-decay", opts.weight_decay, "must be 0 or more")
+    if not 0 < opts.warmup_factor <= 1:
+        bad("--warmup-factor", opts.warmup_factor, "must be in (0, 1]: the warm-up's first lr as a fraction of --lr")
+    if not (math.isfinite(opts.grad_clip) and opts.grad_clip >= 0):
+        bad("--grad-clip", opts.grad_clip, "must be 0 or more (0 = no clipping)")
+    check_positive("--checkpoint-minutes", opts.checkpoint_minutes, "minutes between last.pt rewrites")
+    check_int("--eval-every", opts.eval_every, 1, "epochs between evaluations")
+    if opts.lr_steps is not None:
+        epochs, steps = run_epochs(opts.epochs, opts.schedule), list(opts.lr_steps)
+        shown = ",".join(f"{e:g}" for e in steps)
+        if any(not (math.isfinite(e) and e > 0) for e in steps) or steps != sorted(set(steps)):
+            bad("--lr-steps", shown, "must be increasing epochs > 0, e.g. 8,11")
+        if steps and steps[-1] > epochs:
+            bad("--lr-steps", shown, f"{steps[-1]:g} is past the run's {epochs:g} epochs")
+    if opts.resume and opts.force:
+        raise UserError("--resume continues the run in --out and --force starts it over: give one of them")
+
+
+def _check_run_dir(out: Path, opts: TrainOptions) -> None:
+    """`run_files.check_run_dir`, decided by rank 0 (other nodes may not see --out) for all ranks."""
+    problem = None
+    if du.is_main_process():
+        try:
+            check_run_dir(out, resume=opts.resume, force=opts.force)
+        except UserError as e:
+            problem = str(e)
+    problem = du.broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def _continue_run_files(out: Path, iteration: int, run_state: dict, schedule: Schedule, opts: TrainOptions,
+                        checkpoints: Checkpoints) -> tuple[float, bool]:
+    """Resuming at `iteration`: metrics.jsonl back to it, best.pt's AP to beat; returns the
+    training seconds before it and whether the evaluation due at it is missing (a run stopped
+    right after that epoch evaluates it first). Every rank gets the same answer."""
+    seconds, pending = 0.0, False
+    if du.is_main_process():
+        kept = trim_metrics(out / "metrics.jsonl", iteration)
+        # last.pt of older versions has no run state: the last kept line's time is the closest
+        seconds = float(run_state.get("train_seconds", kept[-1]["time"] if kept else 0.0))
+        evaluated = {r["iter"] for r in kept if "eval" in r}
+        pending = _eval_due(iteration, schedule, opts.eval_every) and iteration not in evaluated
+        if iteration > 0:
+            checkpoints.load_best()
+    return seconds, du.broadcast_object(pending)
 
 
 # ---------------------------------------------------------------- setup: device, models, data
@@ -174,6 +295,11 @@ def initial_student(spec: ModelSpec, num_classes: int, seed: int, init_weights: 
         model = build_detector(spec, num_classes)
     if init_weights:
         log(f"initialised {load_weights(model, init_weights)} weights from {init_weights}")
+    elif any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
+        # frozen BN at its initial statistics is the identity: from random weights nothing normalises
+        log(f"warning: {spec.name} has frozen BatchNorm (norm = \"frozen_bn\") and no --init-weights, so its "
+            "BN layers never leave their initial identity statistics and it trains poorly from random weights; "
+            "give --init-weights (ImageNet backbone or detector weights) or use a model with norm = \"bn\"")
     return model
 
 
@@ -181,6 +307,17 @@ def initial_distiller(preset: dict, spec: ModelSpec, teacher_facts, seed: int) -
     """The distiller (adaptation layers and any other KD module) a run of `seed` starts from."""
     with seeded_init(seed, "distiller"):
         return build_distiller(preset, spec, teacher_facts)
+
+
+def _eval_data(opts: TrainOptions, data: DetectionData) -> DetectionData | None:
+    """The val split --eval-every scores on (None without it), checked against the training classes."""
+    if opts.eval_every is None:
+        return None
+    val = load_dataset(opts.data, "val")
+    if val.category_ids != data.category_ids:
+        raise UserError(f"--eval-every: {opts.data}'s val split has other classes than its train split "
+                        f"({len(val.category_ids)} vs {len(data.category_ids)} categories); evaluation needs the same")
+    return val
 
 
 def _build_teacher_source(opts: TrainOptions, spec: ModelSpec, data: DetectionData,
@@ -238,6 +375,57 @@ def _build_train_step(opts: TrainOptions, model: nn.Module, distiller: Distiller
     return step, nn.parallel.DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+# ---------------------------------------------------------------- evaluation during training
+def _eval_due(iteration: int, schedule: Schedule, eval_every: int | None) -> bool:
+    """--eval-every N: after every N-th epoch and after the last iteration."""
+    if not eval_every or iteration <= 0:
+        return False
+    if iteration >= schedule.total_iters:
+        return True
+    epochs_done, rest = divmod(iteration, schedule.batches_per_epoch)
+    return rest == 0 and epochs_done % eval_every == 0
+
+
+class _Evaluation:
+    """COCO eval of the student on the val split (split over the ranks like `eval`), its
+    metrics line and best.pt. Not training time; leaves the RNG and train mode as it found them."""
+
+    def __init__(self, step: TrainStep, val: DetectionData | None, pre: Preprocessing, device: torch.device,
+                 opts: TrainOptions, checkpoints: Checkpoints, clock: RunClock, schedule: Schedule):
+        self.step, self.val, self.pre, self.device, self.opts = step, val, pre, device, opts
+        self.checkpoints, self.clock, self.schedule = checkpoints, clock, schedule
+
+    def run(self, iteration: int, metrics: RunLog) -> dict | None:
+        """Evaluates the model at `iteration`; returns its metrics line (rank 0; None on the others)."""
+        start = time.time()
+        with self.clock.pause(), torch.random.fork_rng(devices=[]):
+            scores = evaluate(self.step.student, self.val, self.pre, self.device, batch_size=self.opts.batch_size,
+                              workers=self.opts.workers, show_progress=self.opts.progress)
+        self.step.train()
+        metrics.restart_window()
+        if scores is None:  # not rank 0: its detections went to rank 0
+            return None
+        scores.pop("eval_seconds", None)
+        epoch = (iteration - 1) // self.schedule.batches_per_epoch
+        record = metrics.write_eval(iteration, epoch, scores, time.time() - start)
+        better = self.checkpoints.save_best_if_better(
+            iteration, {"AP": scores["AP"], "iter": iteration, "epoch": epoch, "eval": scores})
+        best = self.checkpoints.best_eval
+        log(f"eval at iteration {iteration} (epoch {epoch}, {self.val.name}/{self.val.split}): {_format_scores(scores)}"
+            + (f" -> {self.checkpoints.best}" if better else
+               f" (best AP {_percent(best['AP'])} at iteration {best['iter']})" if best else ""))
+        return record
+
+
+def _percent(value: float | None) -> str:
+    # pycocotools' -1 (or None): no ground truth in that area range
+    return "n/a" if value is None or value < 0 else f"{100 * value:.1f}"
+
+
+def _format_scores(scores: dict) -> str:
+    return " ".join(f"{k} {_percent(v)}" for k, v in scores.items() if v is None or isinstance(v, (int, float)))
+
+
 # ---------------------------------------------------------------- the loop
 def _epoch_loader(dataset: ViewDataset, sampler: ViewSampler, epoch: int, skip: int, opts: TrainOptions,
                   device: torch.device) -> DataLoader:
@@ -255,11 +443,11 @@ def _epoch_loader(dataset: ViewDataset, sampler: ViewSampler, epoch: int, skip: 
 
 def train_one_epoch(step_fn: nn.Module, source: TeacherSource | None, optim: Optimization, loader: DataLoader,
                     device: torch.device, epoch: int, iteration: int, *, total_iters: int, seed: int,
-                    metrics: MetricsLog, checkpoints: Checkpoints, stop: _StopRequest) -> tuple[int, bool]:
+                    metrics: RunLog, checkpoints: Checkpoints, stop: _StopRequest) -> tuple[int, str | None]:
     """Trains on `loader`'s batches from `iteration` on, up to `total_iters`.
 
-    Returns (the iteration reached, whether a stop was requested: then it ends after that step)."""
-    stopping = False
+    Returns (the iteration reached, the signal that stopped it after that step, or None)."""
+    stopping = None
     for batch in loader:
         images, targets = _to_device(check_batch(batch), device)
         teacher = source.outputs(batch, images) if source is not None else None
@@ -286,27 +474,29 @@ def _to_device(batch: list[dict], device: torch.device):
 
 
 def _ranks_agree_to_stop(loss: torch.Tensor, losses: dict, iteration: int, stop: _StopRequest,
-                         device: torch.device) -> bool:
-    """Whether every rank stops after this step; raises FloatingPointError on every rank if any
-    rank's loss is not finite.
+                         device: torch.device) -> str | None:
+    """Whether every rank stops after this step (the signal's name: "SIGINT" if any rank got a
+    Ctrl-C, else "SIGTERM"; None: go on); raises FloatingPointError on every rank if any rank's
+    loss is not finite.
 
     Agreed by all ranks once per step, so they all take the same branch (their next
     collectives must pair up): a non-finite loss on any rank stops every rank, and a
     Ctrl-C that reached only some ranks yet stops all of them after this step."""
     finite = bool(torch.isfinite(loss))
-    agreed = du.any_rank({"nonfinite": not finite, "stop": stop.requested}, device)
+    agreed = du.any_rank({"nonfinite": not finite, "SIGINT": stop.signal == "SIGINT",
+                          "SIGTERM": stop.signal == "SIGTERM"}, device)
     if agreed["nonfinite"]:
         where = (f"loss is {loss.item()}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                  if not finite else "the loss of another rank is not finite")
         raise FloatingPointError(f"at iteration {iteration}, {where}; lower --lr or check the data")
-    return agreed["stop"]
+    return "SIGINT" if agreed["SIGINT"] else "SIGTERM" if agreed["SIGTERM"] else None
 
 
 class _StopRequest:
     """Turns SIGINT/SIGTERM into a checkpoint at the next step instead of lost work."""
 
     def __init__(self):
-        self.requested = False
+        self.signal: str | None = None  # the first one received: "SIGINT" or "SIGTERM"
         self._old = {}
 
     def __enter__(self):
@@ -318,9 +508,9 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop now
+        if self.signal is not None:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = signal.Signals(signum).name
         log("stopping after this step; a checkpoint will be written (press Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
@@ -328,51 +518,4 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-# ---------------------------------------------------------------- logging
-class MetricsLog:
-    """The progress bar, and RUN_DIR/metrics.jsonl (rank 0, appended): every `log_every`
-    iterations and at the last one, the loss terms averaged over ranks, lr and throughput."""
-
-    def __init__(self, path: Path, schedule: Schedule, iteration: int, log_every: int, start: float,
-                 show_progress: bool, device: torch.device):
-        self.log_every, self.total_iters, self.start, self.device = log_every, schedule.total_iters, start, device
-        self.file = open(path, "a") if du.is_main_process() else None
-        self.bar = progress(schedule.total_iters * schedule.global_batch, "train",
-                            initial=iteration * schedule.global_batch, enabled=show_progress)
-        self.window_start, self.window_images = time.time(), 0
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-        if self.file:
-            self.file.close()
-
-    def count(self, images: int) -> None:
-        """`images` more were trained on (all ranks together)."""
-        self.window_images += images
-        self.bar.update(images)
-
-    def due(self, iteration: int) -> bool:
-        return iteration % self.log_every == 0 or iteration == self.total_iters
-
-    def write(self, iteration: int, epoch: int, losses: dict, loss: torch.Tensor, lr: float,
-              grad_norm: torch.Tensor | None) -> None:
-        """One metrics line; a collective (every rank calls it at the same iterations)."""
-        now = time.time()
-        record = {k: float(v.detach()) for k, v in losses.items()}
-        record["loss"] = float(loss.detach())
-        record = du.all_reduce_mean(record, self.device)
-        ips = self.window_images / max(now - self.window_start, 1e-9)
-        record.update(iter=iteration, epoch=epoch, lr=lr, images_per_s=round(ips, 2), time=round(now - self.start, 2))
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{ips:.1f}")
-        self.window_start, self.window_images = now, 0
-
-
-__all__ = ["TrainOptions", "TrainStep", "train", "train_one_epoch"]
+__all__ = ["STOP_EXIT_CODES", "TrainOptions", "TrainStep", "stop_exit_code", "train", "train_one_epoch"]
