@@ -100,6 +100,37 @@ def resolve_teacher_checkpoint(given: str | None, teacher: str, data_toml: Path,
     return str(path), f"random init (seed {seed}); pass --teacher-checkpoint for realistic features"
 
 
+def calibrate_norm_statistics(model, images: list, device) -> int:
+    """Sets the running mean and variance of every BatchNorm layer of a randomly initialised
+    detector's backbone from the activations it sees on `images` (one forward, layer after layer:
+    each layer is set from its input before it normalises it); returns how many layers were set.
+
+    Without it, a random ResNet's identity BatchNorm statistics let the activation variance
+    roughly double at every residual block: a random r152_fpn's FPN features reach ~1e8, which
+    no float16 codec or autocast can hold, where a trained teacher's are of order 1-10."""
+    import torch
+    from torchvision.ops import FrozenBatchNorm2d
+    layers = [m for m in model.backbone.body.modules() if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))]
+
+    def set_from_input(module, args):
+        x = args[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    handles = [m.register_forward_pre_hook(set_from_input) for m in layers]
+    was_training = model.training
+    try:
+        model.eval().to(device)
+        with torch.no_grad():
+            image_list, _ = model.transform([im.to(device) for im in images])
+            model.backbone.body(image_list.tensors)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return len(layers)
+
+
 def load_teacher(name: str, checkpoint: str, num_classes: int, device):
     from defeat_cache.models.checkpoint import load_weights
     from defeat_cache.models.zoo import build_detector

@@ -3,12 +3,14 @@ the extract and train options, each a one-line error naming the option (library 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from defeat_cache.cache.extract import ExtractOptions
 from defeat_cache.cli import main
-from defeat_cache.distill.presets import load_preset
+from defeat_cache.distill.presets import PRESET_DIR, load_preset
 from defeat_cache.engine.train import TrainOptions
 from defeat_cache.errors import UserError
 
@@ -42,7 +44,8 @@ def test_set_values_take_the_preset_type():
 @pytest.mark.parametrize("assignment, expected", [
     ("cls.fg_iou=abc", "--set cls.fg_iou=abc: expected a number"),
     ("cls.rois_per_image=abc", "--set cls.rois_per_image=abc: expected an integer"),
-    ("cls.rois_per_image=1.5", "--set cls.rois_per_image=1.5: expected an integer"),
+    ("cls.rois_per_image=1.5", "cls.rois_per_image must be an integer >= 0, got 1.5"),
+    ("pkd.levels=2.5", "pkd.levels is a count of FPN levels (0 = all), got 2.5"),
     ("neck.enabled=maybe", "--set neck.enabled=maybe: expected true or false"),
     ("backbone.stages=c4", "--set backbone.stages=c4: expected a list"),
     ("cls.fg_iou=1.5", "cls.fg_iou must be a number in [0, 1]"),
@@ -157,3 +160,25 @@ def test_plan_options_refuse_bad_values(bad, expected):
     with pytest.raises(UserError) as e:
         PlanOptions(teacher="r18q_fpn_cpu", checkpoint="t.pt", data="d.toml", **bad)
     assert expected in _one_line(e)
+
+
+def test_cli_set_false_switches_the_part_off(tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+    """`--set neck.enabled=False` used to be the string 'False' (truthy): neck KD stayed on."""
+    import json
+
+    from checks import run_metrics
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes), "--out",
+                                  str(run), "--cache", tiny_cache("fp32"), "--max-iters", "1", "--batch-size", "2",
+                                  "--workers", "0", "--log-every", "1", "--set", "neck.enabled=False"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["options"]["distill"]["neck"]["enabled"] is False
+    terms = set(run_metrics(run)[0])
+    assert {"loss_cls_pos", "loss_cls_neg"} <= terms and not {t for t in terms if t.startswith("loss_neck")}
+
+
+def test_set_float_into_a_weight_the_preset_wrote_as_an_integer(tmp_path):
+    text = (Path(PRESET_DIR / "defeat.toml").read_text()).replace("alpha_bg = 16.0", "alpha_bg = 16")
+    (tmp_path / "mine.toml").write_text(text)
+    assert load_preset(str(tmp_path / "mine.toml"), ["neck.alpha_bg=8.5"])["neck"]["alpha_bg"] == 8.5

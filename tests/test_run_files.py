@@ -117,7 +117,7 @@ def test_train_resume_with_a_preset_of_other_modules_is_refused(tmp_path, tiny_c
         train(tiny_train_options(tiny_student_toml, tiny_shapes, run, max_iters=2, resume=True, cache=cache,
                                  distill=load_preset("cls_decoupled")))
     msg = str(e.value)
-    assert "\n" not in msg and "distill.name 'defeat' -> 'cls_decoupled'" in msg
+    assert "\n" not in msg and "distill.name 'defeat' -> 'cls_decoupled'" in msg and "description" not in msg
     assert "distill.neck.enabled True -> False" in msg
 
 

@@ -51,7 +51,8 @@ def _typed_value(old, text: str, assignment: str):
         return text.lower() == "true"
     value = _toml_value(text)
     if isinstance(old, int):
-        if not isinstance(value, int) or isinstance(value, bool):
+        # a float too: a preset may write a weight as `16`; `validate` holds the integer keys to integers
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise DataError(f"{what}: expected an integer (the preset's value is {old})")
         return value
     if isinstance(old, float):

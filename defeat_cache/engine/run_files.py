@@ -83,6 +83,8 @@ def _differences(old, new, label: str, prefix: str):
     """(label, old, new) of every difference; nested dicts (a preset, a model config) key by key."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in [*old, *(k for k in new if k not in old)]:
+            if k == "description":  # a preset's or model's prose changes nothing computed
+                continue
             yield from _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}", f"{prefix}{k}.")
     elif old != new:
         yield label, old, new
@@ -201,7 +203,7 @@ class Checkpoints:
 
     def _trained_model(self, iteration: int) -> dict:
         return trained_model_payload(self.spec, self.data.num_classes, self.data.class_names, self.pre,
-                                     iteration, self.step.student.state_dict())
+                                     iteration, self.step.student.state_dict(), self.data.category_ids)
 
     def save_last(self, iteration: int) -> None:
         if du.is_main_process():
