@@ -318,10 +318,84 @@ def verify_cmd(cache, storage_option):
     sys.exit(0 if report.ok else 1)
 
 
+@main.command("convert")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--from", "source", required=True, type=click.Choice(["mmdet", "detectron2"]),
+              help="Where the checkpoint comes from (mmdetection 2.x/3.x, or detectron2 .pth/.pkl).")
+@click.option("--model", required=True, help="Zoo model to convert for (`defeat-cache models`; the *_mmdet / *_d2 "
+                                              "entries compute as the source does) or a model TOML.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="torchvision-format state dict to write.")
+@click.option("--channels", type=click.Choice(["rgb", "bgr"]), default=None,
+              help="Colour order the source's first convolution expects (default: mmdet rgb unless its config says "
+                   "to_rgb=False; detectron2 bgr). BGR filters are swapped so the result takes RGB.")
+@_user_errors
+def convert_cmd(checkpoint, source, model, out, channels):
+    """Convert an mmdetection or detectron2 Faster R-CNN FPN / RetinaNet checkpoint into a zoo model's weights."""
+    from .models.convert.files import convert_file
+    summary = convert_file(checkpoint, source, model, out, channels=channels)
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    classes = summary["classes"]
+    click.echo(f"wrote {summary['out']}: {summary['tensors']} tensors for {summary['model']}, "
+               f"{summary['num_classes'] - 1} classes + background"
+               + (f" ({', '.join(classes)})" if classes else ""))
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="State dict to write (e.g. student.pth); its JSON sidecar goes beside it (student.json).")
+@click.option("--model", default=None, help="Model name or TOML, where the checkpoint does not say it.")
+@click.option("--data", "data_toml", default=None, type=click.Path(dir_okay=False),
+              help="Dataset TOML whose classes the model has, where the checkpoint does not say them.")
+@_user_errors
+def export_cmd(checkpoint, out, model, data_toml):
+    """Export a trained model: plain torchvision state dict (no adapters, no optimizer) + JSON sidecar."""
+    from .models.export import export_student
+    data = None
+    if data_toml:
+        from .data.dataset import load_dataset
+        data = load_dataset(data_toml, "val")
+    sidecar = export_student(checkpoint, out, model, data)
+    tv = sidecar["torchvision"]
+    click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}: {sidecar['model']['name']}, "
+               f"{len(sidecar['classes'])} classes; "
+               + (f"loads in plain torchvision with torchvision.models.detection.{tv['builder']}" if tv
+                  else "no torchvision builder makes this architecture: load it with defeat_cache.load_detector"))
+
+
+@main.command("predict")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="Any checkpoint form `eval` takes (an exported student, final.pt, a state dict with --model, ...).")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detections JSON (COCO results format).")
+@click.option("--draw", default=None, type=click.Path(file_okay=False),
+              help="Also write each image with its detections drawn into this folder (PNG).")
+@click.option("--model", default=None, help="Model name or TOML, where the checkpoint does not say it.")
+@click.option("--data", "data_toml", default=None, type=click.Path(dir_okay=False),
+              help="Dataset TOML: the class names and category ids where the checkpoint does not say them, "
+                   "and the image ids of the files it lists.")
+@click.option("--split", default="val", show_default=True, help="The --data split whose image ids the files get.")
+@click.option("--score-threshold", type=float, default=0.05, show_default=True, help="Detections kept in --out.")
+@click.option("--draw-threshold", type=float, default=0.3, show_default=True, help="Detections drawn with --draw.")
+@click.option("--device", default="cpu", show_default=True)
+@_user_errors
+def predict_cmd(checkpoint, images, out, draw, model, data_toml, split, score_threshold, draw_threshold, device):
+    """Detect objects in image files or folders: COCO results JSON with the dataset's category ids."""
+    from .engine.predict_files import PredictOptions, predict_files
+    summary = predict_files(PredictOptions(checkpoint=checkpoint, inputs=list(images), out=out, draw=draw, model=model,
+                                           data=data_toml, split=split, device=device, score_threshold=score_threshold,
+                                           draw_threshold=draw_threshold))
+    click.echo(json.dumps(summary))
+
+
 @main.command("eval")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="A training checkpoint, an exported student, a torchvision-format state dict (plain or wrapped) "
+                   "or an mmdetection/detectron2 file.")
 @click.option("--data", "data_toml", required=True, type=click.Path(dir_okay=False))
-@click.option("--model", default=None, help="Expected model name (checked against the checkpoint).")
+@click.option("--model", default=None, help="Model name or TOML: required where the checkpoint does not say it "
+                                            "(state dicts, mmdetection/detectron2 files), checked where it does.")
 @click.option("--split", default="val", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -329,21 +403,21 @@ def verify_cmd(cache, storage_option):
 @click.option("--classwise", is_flag=True, help="Also the AP of every class (a table; JSON: per_class).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Write the metrics here (fractions in [0, 1]; null for an area range without ground truth).")
+@click.option("--detections", "detections_out", default=None, type=click.Path(dir_okay=False),
+              help="Write the detections here: COCO results JSON with the dataset's own category ids.")
 @_user_errors
-def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, classwise, json_out):
-    """COCO bbox AP and AR (all 12 numbers; VOC07 mAP for VOC) of a trained checkpoint (torchrun: split over ranks)."""
+def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, classwise, json_out, detections_out):
+    """COCO bbox AP and AR (all 12 numbers; VOC07 mAP for VOC) of a checkpoint (torchrun: split over ranks)."""
     from .data.dataset import load_dataset
+    from .distributed import init_from_env
     from .engine.evaluate import evaluate
     from .engine.metrics_text import format_classwise, format_metrics
-    from .models.checkpoint import load_trained
-    from .distributed import init_from_env
+    from .models.detector import load_detector
     dev = init_from_env(device)
-    net, pre, ck = load_trained(checkpoint, model, dev)
     data = load_dataset(data_toml, split)
-    if int(ck["num_classes"]) != data.num_classes:
-        raise click.ClickException(f"{checkpoint}: model has {ck['num_classes']} classes, {data_toml} has "
-                                   f"{data.num_classes} (incl. background); evaluate on the dataset it was trained on")
-    metrics = evaluate(net, data, pre, dev, batch_size, workers, classwise=classwise)
+    net = load_detector(checkpoint, model, data, dev)
+    metrics = evaluate(net, data, net.info.preprocessing, dev, batch_size, workers, classwise=classwise,
+                       detections_path=detections_out)
     if metrics is None:  # a torchrun rank other than 0: its detections went to rank 0
         return
     if json_out:

@@ -185,7 +185,7 @@ EVAL_LAUNCHER = textwrap.dedent("""
         torch.save(gathered, dump)
     from defeat_cache.cli import main
     main(["eval", "--checkpoint", ckpt, "--data", data, "--batch-size", "1", "--workers", "0",
-          "--json", dump + ".json"], prog_name="defeat-cache")
+          "--json", dump + ".json", "--detections", dump + ".dets.json"], prog_name="defeat-cache")
 """)
 
 
@@ -218,6 +218,12 @@ def test_two_rank_evaluation_equals_one_process(tmp_path, tiny_trained_checkpoin
     assert {k: v for k, v in written.items() if k != "eval_seconds"} == \
         {k: v for k, v in metrics.items() if k != "eval_seconds"}
     assert f"AP     {100 * written['AP']:6.2f}" in r.stdout
+    # --detections under torchrun: rank 0 writes every rank's detections, in COCO results format
+    from defeat_cache.engine.evaluate import coco_detections
+    dets = json.loads(Path(str(dump) + ".dets.json").read_text())
+    assert len(dets) == sum(len(p["boxes"]) for p in alone)
+    assert sorted((d["image_id"], d["category_id"], round(d["score"], 4)) for d in dets) == \
+        sorted((d["image_id"], d["category_id"], round(d["score"], 4)) for d in coco_detections(val, alone))
 
 
 FAULT_LAUNCHER = textwrap.dedent("""

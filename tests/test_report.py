@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import statistics
 from pathlib import Path
 
@@ -30,14 +29,14 @@ ITERS = 4
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory, tiny_student_toml, tiny_shapes, tiny_cache) -> dict[str, Path]:
-    """Two real 4-iteration runs of the tiny student: plain, and DeFeat from the fp32 tiny cache
-    with a --set override."""
+    """Two real 4-iteration runs of the tiny student: plain with --eval-every 1 (one evaluation line,
+    after the last iteration), and DeFeat from the fp32 tiny cache with a --set override."""
     from defeat_cache.engine.train import train
 
     base = tmp_path_factory.mktemp("report_runs")
     preset = load_preset("defeat", [f"teacher.proposals={tiny_cache.proposals}",
                                     f"teacher.pre_nms_top_n={tiny_cache.pre_nms_top_n}", "neck.alpha_bg=8"])
-    train(tiny_train_options(tiny_student_toml, tiny_shapes, base / "plain", max_iters=ITERS))
+    train(tiny_train_options(tiny_student_toml, tiny_shapes, base / "plain", max_iters=ITERS, eval_every=1))
     train(tiny_train_options(tiny_student_toml, tiny_shapes, base / "defeat", max_iters=ITERS, distill=preset,
                              cache=tiny_cache("fp32")))
     return {"plain": base / "plain", "defeat": base / "defeat"}
@@ -50,13 +49,16 @@ def _metrics(ap: float, **others) -> dict:
     return m
 
 
-def _copy_run(src: Path, dst: Path, seed: int, eval_ap: float | None, **option_changes) -> Path:
-    """A run folder like `src` (its config.json and metrics.jsonl), with another seed and an eval.json."""
+def _copy_run(src: Path, dst: Path, seed: int, eval_ap: float | None, keep_evals: bool = True,
+              **option_changes) -> Path:
+    """A run folder like `src` (its config.json and metrics.jsonl, without evaluation lines unless
+    `keep_evals`), with another seed and an eval.json."""
     dst.mkdir(parents=True)
     config = json.loads((src / "config.json").read_text())
     config["options"].update(seed=seed, out=str(dst), **option_changes)
     write_json(dst / "config.json", config)
-    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+    lines = (src / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (dst / "metrics.jsonl").write_text("".join(t for t in lines if keep_evals or '"eval"' not in t))
     if eval_ap is not None:
         write_json(dst / "eval.json", _metrics(eval_ap))
     return dst
@@ -82,7 +84,9 @@ def test_report_tables_group_seeds_with_mean_and_sd(tmp_path, real_runs, tiny_ca
     written = {k: tmp_path / "report" / name for k, name in (
         ("losses", "losses.png"), ("markdown", "report.md"), ("runs_csv", "runs.csv"), ("groups_csv", "groups.csv"),
         ("json", "report.json"))}
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(p.name for p in written.values())
+    # the plain runs' evaluation lines (--eval-every) give the AP figure
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(
+        [p.name for p in written.values()] + ["ap_epoch.png"])
     assert r.stdout.startswith(written["markdown"].read_text())  # printed, then the files' list
 
     runs = _csv(written["runs_csv"])
@@ -108,6 +112,9 @@ def test_report_tables_group_seeds_with_mean_and_sd(tmp_path, real_runs, tiny_ca
     assert float(defeat_group["AP_mean"]) == pytest.approx(22.5, abs=1e-3)
     assert float(defeat_group["AP_sd"]) == pytest.approx(100 * statistics.stdev([0.20, 0.25]), abs=1e-3)
     assert lr_group["AP_sd"] == "" and float(lr_group["AP_mean"]) == pytest.approx(5.0)  # one run: no sd
+    # what tells the two plain groups apart is said: the lr (the DeFeat group differs in its own columns)
+    assert [g["other_settings"] for g in groups] == ["lr=default", "lr=0.5", "lr=default"]
+    assert by_name["plain_lr/seed0"]["other_settings"] == "lr=0.5"
     assert plain_group["APL_mean"] == "" and plain_group["APL_sd"] == ""
 
     md = written["markdown"].read_text()
@@ -145,6 +152,20 @@ def test_loss_figure_has_one_line_per_run_and_term(tmp_path, real_runs):
     plt.close(fig)
 
 
+def test_a_real_run_with_eval_every_is_read_back(real_runs, tiny_shapes):
+    """What `train --eval-every` writes, without an eval.json: the evaluation line is the run's AP."""
+    from defeat_cache.data.dataset import load_dataset
+
+    plain, defeat = read_runs([str(real_runs["plain"]), str(real_runs["defeat"])])
+    assert plain.metrics_from == "metrics.jsonl" and set(COCO_METRIC_NAMES) <= set(plain.metrics)
+    assert all(v is None or 0.0 <= v <= 1.0 for k, v in plain.metrics.items() if k in COCO_METRIC_NAMES)
+    per_epoch = len(load_dataset(tiny_shapes, "train").records) // 2  # one view per image and epoch, batches of 2
+    assert [e["iter"] for e in plain.evals] == [ITERS] and plain.best_epoch == pytest.approx(ITERS / per_epoch, abs=1e-3)
+    assert plain.iterations == ITERS == plain.total_iters and plain.segments == 1 and plain.train_seconds > 0
+    assert [line["iter"] for line in plain.log] == list(range(1, ITERS + 1))  # the eval line is not a loss line
+    assert defeat.metrics is None and defeat.evals == [] and any("not evaluated" in n for n in defeat.notes)
+
+
 def _line(it: int, time: float, loss: float, epoch: int = 0) -> dict:
     return {"loss_classifier": loss / 2, "loss": loss, "iter": it, "epoch": epoch, "lr": 0.01, "time": time}
 
@@ -175,14 +196,14 @@ def test_history_of_resumed_restarted_and_evaluated_runs():
 def test_report_with_eval_lines_draws_ap_per_epoch(tmp_path, real_runs):
     runs = []
     for seed, aps in ((0, [0.05, 0.15, 0.12]), (1, [0.04, 0.10, 0.18])):
-        run = _copy_run(real_runs["plain"], tmp_path / f"seed{seed}", seed, None)
+        run = _copy_run(real_runs["plain"], tmp_path / f"seed{seed}", seed, None, keep_evals=False)
         with (run / "metrics.jsonl").open("a") as f:
             for epoch, ap in enumerate(aps, start=1):
                 # an evaluation line as `train --eval-every` writes it (engine.run_log): epoch 0-based
                 f.write(json.dumps({"iter": ITERS * epoch, "epoch": epoch - 1, "epochs_done": float(epoch),
                                     "time": 1.0, "eval_seconds": 0.5, "eval": _metrics(ap)}) + "\n")
         runs.append(str(run))
-    no_eval = _copy_run(real_runs["plain"], tmp_path / "noeval", 2, None)
+    no_eval = _copy_run(real_runs["plain"], tmp_path / "noeval", 2, None, keep_evals=False)
     written = write_report([*runs, str(no_eval)], tmp_path / "report")
     assert "ap_epoch" in written
     got = read_runs([*runs, str(no_eval)])
@@ -215,6 +236,14 @@ def test_report_refusals_and_skips(tmp_path, real_runs, capsys):
     messages = capsys.readouterr().err
     assert "run_link: the same run folder as" in messages and "counted once" in messages
     assert "skipping" in messages and "not_a_run: no config.json" in messages
+
+    # a sweep's parent folder stands for the runs in it (not_a_run and files in it are no runs)
+    _copy_run(real_runs["plain"], tmp_path / "sweep" / "b", 1, 0.2)
+    _copy_run(real_runs["plain"], tmp_path / "sweep" / "a", 0, 0.1)
+    (tmp_path / "sweep" / "not_a_run").mkdir()
+    (tmp_path / "sweep" / "notes.txt").write_text("x")
+    assert [(r.name, r.seed) for r in read_runs([str(tmp_path / "sweep")])] == [("a", 0), ("b", 1)]
+    assert "reading the 2 run folders in it" in capsys.readouterr().err
 
     (run / "metrics.jsonl").write_text('{"iter": 1, "loss": 1.0}\n{"iter": 2, "loss"\n{"iter": 3, "loss": 1.0}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not valid JSON"):

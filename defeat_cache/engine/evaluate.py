@@ -10,7 +10,10 @@ detections and scores them (the other ranks get None).
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +22,7 @@ from torch.utils.data import DataLoader
 from .. import distributed as du
 from ..data.dataset import ViewDataset, check_batch, collate
 from ..data.records import DetectionData
+from ..models.detector import view_inputs
 from ..progress import progress
 from ..views import Preprocessing, ViewSet
 from .metrics import coco_bbox_evaluation, voc07_map
@@ -30,6 +34,11 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
     """Detections in original image coordinates: one dict per image (boxes, scores, labels),
     for this rank's images (every `world_size`-th, from its rank) when run under torchrun."""
     model.eval().to(device)
+    with view_inputs(model):  # the dataset gives views: resized and normalised already
+        return _predict_views(model, data, pre, device, batch_size, workers, show_progress)
+
+
+def _predict_views(model, data, pre, device, batch_size, workers, show_progress) -> list[dict]:
     dataset = ViewDataset(data, pre, ViewSet(("orig",)))
     mine = list(range(du.rank(), len(dataset), du.world_size()))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=mine, collate_fn=collate,
@@ -53,14 +62,20 @@ def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: t
     return results
 
 
-def score(data: DetectionData, predictions: list[dict], classwise: bool = False) -> dict:
-    """The metrics of `predictions` (from `predict`, all images) against `data`'s ground truth."""
+def coco_detections(data: DetectionData, predictions: list[dict]) -> list[dict]:
+    """COCO results format ([{image_id, category_id, bbox: [x, y, w, h], score}]) with the dataset's own ids."""
     dets = []
     for p in predictions:
         image_id = data.records[p["image_index"]].image_id
         for box, s, lab in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
             dets.append({"image_id": image_id, "category_id": data.category_ids[lab - 1],
                          "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": s})
+    return dets
+
+
+def score(data: DetectionData, predictions: list[dict], classwise: bool = False) -> dict:
+    """The metrics of `predictions` (from `predict`, all images) against `data`'s ground truth."""
+    dets = coco_detections(data, predictions)
     coco = coco_bbox_evaluation(data.coco_gt, dets)
     metrics: dict = dict(coco.metrics)
     if data.voc_gt is not None:
@@ -77,16 +92,27 @@ def score(data: DetectionData, predictions: list[dict], classwise: bool = False)
 
 def evaluate(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
              batch_size: int = 8, workers: int = 2, show_progress: bool = True,
-             classwise: bool = False) -> dict | None:
-    """The split's metrics (see the module docstring); under torchrun on rank 0 only (None on the other ranks)."""
+             classwise: bool = False, detections_path: str | Path | None = None) -> dict | None:
+    """The split's metrics (see the module docstring); under torchrun on rank 0 only (None on the other ranks).
+    `detections_path`: also write every rank's detections there (rank 0, COCO results format)."""
     start = time.time()
     predictions = du.gather_to_main(predict(model, data, pre, device, batch_size, workers, show_progress))
     if predictions is None:
         return None
     predictions.sort(key=lambda p: p["image_index"])
+    if detections_path is not None:
+        write_json_atomic(detections_path, coco_detections(data, predictions))
     metrics = score(data, predictions, classwise)
     metrics["eval_seconds"] = round(time.time() - start, 1)
     return metrics
 
 
-__all__ = ["evaluate", "predict", "score"]
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+__all__ = ["coco_detections", "evaluate", "predict", "score", "write_json_atomic"]

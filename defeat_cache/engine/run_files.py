@@ -203,7 +203,7 @@ class Checkpoints:
 
     def _trained_model(self, iteration: int) -> dict:
         return trained_model_payload(self.spec, self.data.num_classes, self.data.class_names, self.pre,
-                                     iteration, self.step.student.state_dict())
+                                     iteration, self.step.student.state_dict(), self.data.category_ids)
 
     def save_last(self, iteration: int) -> None:
         if du.is_main_process():

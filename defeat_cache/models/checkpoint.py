@@ -113,7 +113,13 @@ RECOGNISERS: list[Callable[[dict], CheckpointWeights | None]] = [
 
 
 def read_weights(path: str | Path) -> CheckpointWeights:
-    """The one entry point for reading weights: any supported checkpoint file -> a state dict and what it was."""
+    """The one entry point for reading weights: any supported checkpoint file -> a state dict and what it was.
+
+    mmdetection / detectron2 key names are converted by `load_weights`, which knows the model."""
+    if Path(path).suffix == ".pkl":  # detectron2's model zoo: a pickle of numpy arrays, read as arrays only
+        from .convert import read_pickle_weights, state_and_meta
+        state, _ = state_and_meta(read_pickle_weights(Path(path)))
+        return CheckpointWeights(state, "weights pickle")
     obj = read_checkpoint(path)
     for recognise in RECOGNISERS:
         found = recognise(obj)
@@ -139,9 +145,11 @@ class LoadedWeights:
     part: str
     source: str
     notes: list[str] = field(default_factory=list)
+    converted_from: str | None = None  # "mmdet" / "detectron2": converted by models/convert
 
     def __str__(self) -> str:
-        return f"{self.part} weights ({self.source})" + "".join(f"; {n}" for n in self.notes)
+        source = self.source + (f", converted from {self.converted_from}" if self.converted_from else "")
+        return f"{self.part} weights ({source})" + "".join(f"; {n}" for n in self.notes)
 
 
 def _imagenet_to_body(state: dict) -> dict:
@@ -166,6 +174,12 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
     """
     weights = read_weights(path)
     state, notes = weights.state, []
+    converted = None if backbone_only else foreign_source(state)
+    if converted:  # mmdetection / detectron2 names and layouts -> this model's (models/convert)
+        from .convert import convert_state
+        from .family import family_of
+        state = convert_state(state, converted, model.state_dict(), family_of(model).name, what="this model").state
+        backbone_only = False
     if backbone_only is None:
         backbone_only = not any(k.startswith("backbone.") for k in state)
     if backbone_only:
@@ -203,7 +217,13 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
         kind = "ImageNet backbone" if backbone_only else "detector"
         raise UserError(f"{path}: does not fit this model as {kind} weights ({weights.source}); " + "; ".join(parts))
     model.load_state_dict(state, strict=False)  # completeness was checked above
-    return LoadedWeights("backbone" if backbone_only else "detector", weights.source, notes)
+    return LoadedWeights("backbone" if backbone_only else "detector", weights.source, notes, converted)
+
+
+def foreign_source(state: dict) -> str | None:
+    """'mmdet' / 'detectron2' when a state dict has their key names (models/convert), else None."""
+    from .convert import recognise
+    return recognise(state)
 
 
 def save_checkpoint(path: str | Path, **payload) -> None:
@@ -219,14 +239,20 @@ def save_checkpoint(path: str | Path, **payload) -> None:
 
 
 def trained_model_payload(spec: ModelSpec, num_classes: int, class_names: list[str], pre: Preprocessing,
-                          iteration: int, model_state: dict) -> dict:
-    """What `load_trained` (and `eval`) need to rebuild a trained model: the whole of final.pt."""
+                          iteration: int, model_state: dict, category_ids: list[int] | None = None) -> dict:
+    """What `load_trained` (and `eval`, `export`, `predict`) need to rebuild a trained model: the
+    whole of final.pt. `category_ids`: the dataset's id of each class (label i -> category_ids[i - 1])."""
     return dict(model=spec_dict(spec), num_classes=num_classes, class_names=class_names,
+                category_ids=list(category_ids) if category_ids is not None else None,
                 preprocessing=pre.to_dict(), iteration=iteration, model_state=model_state, version=__version__)
 
 
 def load_trained(checkpoint: str | Path, model_name: str | None = None, device: str | torch.device = "cpu"):
-    """(model, preprocessing, checkpoint dict) from a checkpoint written by training."""
+    """(model, preprocessing, checkpoint dict) from a checkpoint written by training.
+
+    The model takes raw images and preprocesses them itself (models.detector.ImageTransform);
+    evaluation gives it views through models.detector.view_inputs. Every other checkpoint form:
+    models.detector.load_detector."""
     ck = read_checkpoint(checkpoint)
     if "model_state" in ck:
         m = ck["model"]
@@ -237,6 +263,8 @@ def load_trained(checkpoint: str | Path, model_name: str | None = None, device: 
                          preprocessing=Preprocessing.from_dict(ck["preprocessing"]))
         model = build_detector(spec, int(ck["num_classes"]))
         model.load_state_dict(ck["model_state"])
+        from .detector import ImageTransform
+        model.transform = ImageTransform(spec.preprocessing)
         return model.to(device), Preprocessing.from_dict(ck["preprocessing"]), ck
     raise UserError(f"{checkpoint}: not a defeat-cache training checkpoint (no 'model_state'); "
                     "use --init-weights to start training from foreign weights")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from functools import partial
-
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -17,8 +18,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobile
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
-from torchvision.ops.poolers import initLevelMapper
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, initLevelMapper
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..data.dataset import read_toml
@@ -76,6 +77,66 @@ class ViewTransform(GeneralizedRCNNTransform):
 
     def resize(self, image, target=None):
         return image, target
+
+
+class UnroundedAnchorGenerator(AnchorGenerator):
+    """torchvision's anchors without rounding the cell anchors to whole pixels.
+
+    torchvision rounds each cell anchor's corners (a 32-px, ratio-0.5 anchor is 46 x 22 px
+    instead of 45.25 x 22.63); mmdetection (2.x, 3.x) and detectron2 keep them exact.
+    Order (aspect ratio major, size minor) and centres (cell corners) stay torchvision's.
+    """
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(aspect_ratios)
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
+class RetinaExtraLevels(LastLevelP6P7):
+    """RetinaNet's P6 and P7, with their input and the ReLU before P7 chosen by the config.
+
+    torchvision: P6 from P5 (v1) or C5 (v2), ReLU before P7. mmdetection: P6 from C5, no ReLU
+    (`add_extra_convs='on_input'`, `relu_before_extra_convs=False`). detectron2: P6 from C5,
+    ReLU. Same parameter names (p6, p7) in every case.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, from_c5: bool, relu_before_p7: bool):
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = not from_c5  # torchvision decides from the channel counts; here the config does
+        self.relu_before_p7 = relu_before_p7
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]):
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p7 = self.p7(F.relu(p6) if self.relu_before_p7 else p6)
+        p.extend([p6, p7])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign with RoIAlign's `aligned=True` (the half-pixel shift).
+
+    torchvision's MultiScaleRoIAlign always pools with aligned=False; mmdetection and
+    detectron2 (ROIAlignV2) use aligned=True. Level assignment is the same in all three
+    (floor(4 + log2(sqrt(area) / 224)), clamped to the pooled levels).
+    """
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        result = features[0].new_zeros((len(rois), features[0].shape[1]) + tuple(self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[idx], output_size=self.output_size, spatial_scale=scale,
+                               sampling_ratio=self.sampling_ratio, aligned=True)
+            result[idx] = pooled.to(result.dtype)
+        return result
 
 
 @dataclass(frozen=True)
@@ -231,6 +292,8 @@ def _backbone(spec: ModelSpec):
     # torchvision's v2 builders); "frozen_bn": the usual setting with ImageNet-initialised backbones.
     norm = _norm_layer(bb, "norm", "frozen_bn", "backbone")
     body = NarrowResNet(block, layers, int(bb.get("width_divisor", 1)), norm_layer=norm)
+    if bb.get("stride_in_1x1", False):
+        _move_stride_to_1x1(body, spec)
     trainable = int(bb.get("trainable_layers", 5))
     # Freeze as torchvision's _resnet_fpn_extractor does, but build the FPN ourselves: that
     # helper always makes 256 channels and the CPU-scale models use narrower ones.
@@ -240,21 +303,51 @@ def _backbone(spec: ModelSpec):
             param.requires_grad_(False)
     fpn_ch = spec.fpn_channels
     stages = spec.backbone_stages
-    # the levels above C5 (models/family.py): P6 by max-pool, or P6 and P7 by convolutions on
-    # P5 (torchvision's v1 RetinaNet) or on C5 (`[neck] extra_input = "c5"`: its v2 RetinaNet)
+    # the levels above C5 (models/family.py): P6 by max-pool, or P6 and P7 by convolutions
+    # on P5 (torchvision v1's default) or on C5 (`[neck] extra_input = "c5"`)
     if spec.family == "faster_rcnn":
         extra = LastLevelMaxPool()
     else:
-        source = spec.config.get("neck", {}).get("extra_input", "p5")
+        neck = spec.config.get("neck", {})
+        source = neck.get("extra_input", "p5")
         if source not in ("p5", "c5"):
             raise DataError(f'model {spec.name}: neck.extra_input must be "p5" or "c5", got {source!r}')
-        extra = LastLevelP6P7(stages[-1].channels if source == "c5" else fpn_ch, fpn_ch)
-        extra.use_P5 = source == "p5"  # torchvision infers it from equal channels; the config decides
+        extra = RetinaExtraLevels(stages[-1].channels if source == "c5" else fpn_ch, fpn_ch, from_c5=source == "c5",
+                                  relu_before_p7=bool(neck.get("relu_before_p7", True)))
     return_layers = {RESNET_LAYERS[s.name]: str(i) for i, s in enumerate(stages)}
     fpn_norm = _norm_layer(bb, "fpn_norm", "none", "backbone")  # BatchNorm after each FPN conv (v2 Faster R-CNN)
     backbone = BackboneWithFPN(body, return_layers, [s.channels for s in stages], fpn_ch, extra_blocks=extra,
                                norm_layer=fpn_norm)
     return backbone
+
+
+def _move_stride_to_1x1(body: resnet.ResNet, spec: ModelSpec) -> None:
+    """`backbone.stride_in_1x1`: downsample in each stage's first 1x1 convolution, not its 3x3.
+
+    MSRA/caffe-style ResNets (detectron2's default weights, mmdetection's `style='caffe'`)
+    put the stride-2 on conv1 of the first bottleneck of layer2..layer4; torchvision (and
+    mmdetection's `style='pytorch'`) put it on conv2. Same parameters, different features.
+    """
+    if not isinstance(body.layer1[0], resnet.Bottleneck):
+        raise DataError(f"model {spec.name}: backbone.stride_in_1x1 applies to bottleneck ResNets (depth >= 50)")
+    for layer in (body.layer2, body.layer3, body.layer4):
+        first = layer[0]
+        first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+
+
+def _roi_pool(spec: ModelSpec) -> MultiScaleRoIAlign:
+    """RoIAlign over P2-P5: torchvision's (sampling_ratio 2, aligned=False) unless `[roi_align]` says otherwise."""
+    opts = spec.config.get("roi_align", {})
+    cls = AlignedMultiScaleRoIAlign if opts.get("aligned", False) else MultiScaleRoIAlign
+    pool = cls(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=int(opts.get("sampling_ratio", 2)))
+    _fix_roi_pool_scales(pool, spec)
+    return pool
+
+
+def _anchor_generator(spec: ModelSpec, sizes, ratios) -> AnchorGenerator:
+    """`[anchors] round = false`: the cell anchors as computed (mmdetection, detectron2)."""
+    cls = AnchorGenerator if spec.config.get("anchors", {}).get("round", True) else UnroundedAnchorGenerator
+    return cls(sizes, (ratios,) * len(sizes))
 
 
 def _fix_roi_pool_scales(pool: MultiScaleRoIAlign, spec: ModelSpec) -> None:
@@ -296,6 +389,7 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
     cfg = spec.config
     backbone = _backbone(spec)
     anchor_sizes = cfg.get("anchors", {}).get("sizes", [32, 64, 128, 256, 512])
+    exact_sizes = not cfg.get("anchors", {}).get("round", True)
     ratios = tuple(cfg.get("anchors", {}).get("aspect_ratios", [0.5, 1.0, 2.0]))
     if len(anchor_sizes) != len(spec.fpn_levels):
         raise DataError(f"model {spec.name}: anchors.sizes has {len(anchor_sizes)} entries for "
@@ -304,7 +398,7 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
         rpn, roi = cfg.get("rpn", {}), cfg.get("roi", {})
         # one size per level, or a list per level (MobileNetV3: all five sizes on each level)
         sizes = tuple(tuple(s) if isinstance(s, list) else (s,) for s in anchor_sizes)
-        anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
+        anchors = _anchor_generator(spec, sizes, ratios)
         extra = {}
         if "rpn_head" in cfg:  # v2: more 3x3 convs before the RPN's predictors
             extra["rpn_head"] = RPNHead(spec.fpn_channels, anchors.num_anchors_per_location()[0],
@@ -313,18 +407,20 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
         model = FasterRCNN(
             backbone, num_classes=None,
             rpn_anchor_generator=anchors,
+            box_roi_pool=_roi_pool(spec),
             box_head=box_head,
             box_predictor=FastRCNNPredictor(rep, num_classes),
             **extra,
             **{f"rpn_{k}": v for k, v in rpn.items()},
             **{f"box_{k}": v for k, v in roi.items() if k != "representation_size"},
         )
-        _fix_roi_pool_scales(model.roi_heads.box_roi_pool, spec)
     else:
         head_cfg, layers = cfg.get("head", {}), cfg.get("retina_head", {})
         octave = [2 ** (i / 3) for i in range(3)]
-        sizes = tuple(tuple(int(s * o) for o in octave) for s in anchor_sizes)
-        anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
+        # torchvision truncates the octave sizes to whole pixels (32, 40, 50); mmdetection and
+        # detectron2 keep 32 * 2 ** (1/3) etc. (`[anchors] round = false`)
+        sizes = tuple(tuple(s * o if exact_sizes else int(s * o) for o in octave) for s in anchor_sizes)
+        anchors = _anchor_generator(spec, sizes, ratios)
         norm = layers.get("norm", "none")
         if norm not in ("none", "group_norm"):
             raise DataError(f"model {spec.name}: retina_head.norm = {norm!r}: choose \"none\" or \"group_norm\"")
@@ -349,5 +445,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["FeatureMap", "ModelSpec", "NarrowResNet", "ViewTransform", "build_detector", "list_models", "load_model_spec",
+__all__ = ["AlignedMultiScaleRoIAlign", "FeatureMap", "ModelSpec", "NarrowResNet", "RetinaExtraLevels",
+           "UnroundedAnchorGenerator", "ViewTransform", "build_detector", "list_models", "load_model_spec",
            "count_parameters", "spec_dict", "CONFIG_DIR"]

@@ -209,13 +209,20 @@ def _short_names(paths: list[Path]) -> list[str]:
 
 
 def read_runs(targets: list[str]) -> list[Run]:
-    """The runs of `targets` (RUN_DIR or NAME=RUN_DIR each), in the order given; folders without a
-    run are skipped with a message, a path that does not exist is an error, and a folder given
-    twice (also through a symlink) counts once."""
-    parsed = [_parse_target(t) for t in targets]
-    for _, folder in parsed:
+    """The runs of `targets` (RUN_DIR or NAME=RUN_DIR each), in the order given. A folder that is no
+    run but holds run folders (a sweep's --out parent) stands for them; other folders without a run
+    are skipped with a message; a path that does not exist is an error; a folder given twice (also
+    through a symlink) counts once."""
+    parsed = []
+    for name, folder in map(_parse_target, targets):
         if not folder.is_dir():
             raise UserError(f"{folder}: no such run folder (give the --out folder of `defeat-cache train`)")
+        inside = sorted(sub for sub in folder.iterdir() if (sub / "config.json").is_file())
+        if not (folder / "config.json").is_file() and inside:  # a sweep's folder: its runs
+            log(f"{folder}: not a run folder; reading the {len(inside)} run folders in it")
+            parsed += [(None, sub) for sub in inside]
+        else:
+            parsed.append((name, folder))
     unique: dict[Path, tuple[str | None, Path]] = {}
     for name, folder in parsed:
         key = folder.resolve()

@@ -1,6 +1,7 @@
 """The report's tables: one row per run, and one per group of runs that share everything but
 the seed (`runs.Run.experiment`), with the mean ± sample standard deviation over the group's
-runs. Groups are listed by preset (plain training first), then student, teacher and codec.
+runs. Groups are listed by preset (plain training first), then student, teacher and codec; an
+"other settings" column names any other option in which they differ (lr=0.5, epochs=24).
 
 COCO numbers are AP x 100 in every table (fractions in eval.json and metrics.jsonl); `n/a`
 (Markdown) or an empty cell (CSV) where a number is undefined: no evaluation, or no ground truth
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..engine.metrics import COCO_AP_NAMES, COCO_METRIC_NAMES
 from ..engine.metrics_text import NOT_AVAILABLE, percent
@@ -62,6 +65,29 @@ def group_runs(runs: list[Run]) -> list[Group]:
     ordered = [Group(sorted(g, key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0)))
                for g in groups.values()]
     return sorted(ordered, key=lambda g: _order(g.first))
+
+
+#: Experiment keys the tables show in their own columns.
+_SHOWN = {"student", "teacher", "codec", "distill", "total_iters"}
+
+
+def _short(value) -> str:
+    if value is None:
+        return "default"  # the option was not given
+    text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    if isinstance(value, str) and "/" in value:
+        text = Path(value).name  # a path: its last part tells the runs apart
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def settings_label(run: Run, runs: list[Run]) -> str:
+    """The run's settings that differ between `runs` and have no column of their own (lr=0.5,
+    epochs=24, ...); "" when there are none."""
+    mine = json.loads(run.experiment or "{}")
+    others = [json.loads(r.experiment or "{}") for r in runs]
+    keys = sorted({k for o in others for k in o} - _SHOWN)
+    differing = [k for k in keys if any(o.get(k) != others[0].get(k) for o in others)]
+    return " ".join(f"{k}={_short(mine.get(k))}" for k in differing)
 
 
 def preset_label(run: Run) -> str:
@@ -128,12 +154,22 @@ def runs_markdown(runs: list[Run]) -> list[str]:
             m = r.metrics or {}
             rows.append([r.name, r.student or "?", teacher_label(r), preset_label(r), codec_label(r),
                          r.seed if r.seed is not None else "?", _iterations(r), duration(r.train_seconds),
-                         *(percent(m.get(k)) for k in COCO_AP_NAMES), _epoch(r.best_epoch)])
-    return _markdown(header, rows)
+                         *(percent(m.get(k)) for k in COCO_AP_NAMES), _epoch(r.best_epoch),
+                         settings_label(r, runs)])
+    return _with_settings(header, rows)
+
+
+def _with_settings(header: list[str], rows: list[list]) -> list[str]:
+    """The table, with a last "other settings" column only when some row has any."""
+    if any(row[-1] for row in rows):
+        return _markdown(header + ["other settings"], rows)
+    return _markdown(header, [row[:-1] for row in rows])
 
 
 def groups_markdown(groups: list[Group]) -> list[str]:
-    """One row per group: mean ± sd over its seeds."""
+    """One row per group: mean ± sd over its seeds; "other settings": what tells groups apart
+    besides the columns (lr, epochs, ...)."""
+    firsts = [g.first for g in groups]
     header = ["student", "teacher", "preset", "codec", "runs", "seeds", "iterations", "train time (mean)",
               *COCO_AP_NAMES, "best epochs"]
     rows = []
@@ -144,8 +180,8 @@ def groups_markdown(groups: list[Group]) -> list[str]:
                      ",".join("?" if s is None else str(s) for s in g.seeds), ",".join(iters),
                      duration(g.train_seconds()),
                      *(_mean_sd_text(*g.mean_sd(k)) for k in COCO_AP_NAMES),
-                     ",".join(_epoch(x.best_epoch) for x in g.runs)])
-    return _markdown(header, rows)
+                     ",".join(_epoch(x.best_epoch) for x in g.runs), settings_label(r, firsts)])
+    return _with_settings(header, rows)
 
 
 def _number(value: float | None, scale: float = 1.0) -> str:
@@ -157,7 +193,8 @@ def runs_csv(runs: list[Run]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["run", "path", "student", "teacher", "preset", "overrides", "codec", "seed", "iterations",
-                "total_iters", "train_seconds", *COCO_METRIC_NAMES, "best_epoch", "metrics_from", "group"])
+                "total_iters", "train_seconds", *COCO_METRIC_NAMES, "best_epoch", "metrics_from", "group",
+                "other_settings"])
     groups = group_runs(runs)
     for index, g in enumerate(groups, start=1):
         for r in g.runs:
@@ -166,7 +203,8 @@ def runs_csv(runs: list[Run]) -> str:
                         " ".join(r.overrides), r.codec or "", "" if r.seed is None else r.seed,
                         "" if r.iterations is None else r.iterations, "" if r.total_iters is None else r.total_iters,
                         _number(r.train_seconds), *(_number(m.get(k), 100) for k in COCO_METRIC_NAMES),
-                        "" if r.best_epoch is None else r.best_epoch, r.metrics_from, index])
+                        "" if r.best_epoch is None else r.best_epoch, r.metrics_from, index,
+                        settings_label(r, runs)])
     return out.getvalue()
 
 
@@ -175,7 +213,8 @@ def groups_csv(groups: list[Group]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["group", "student", "teacher", "preset", "overrides", "codec", "runs", "seeds", "train_seconds_mean",
-                *(f"{k}_{stat}" for k in COCO_METRIC_NAMES for stat in ("mean", "sd")), "runs_named"])
+                *(f"{k}_{stat}" for k in COCO_METRIC_NAMES for stat in ("mean", "sd")), "runs_named", "other_settings"])
+    firsts = [g.first for g in groups]
     for index, g in enumerate(groups, start=1):
         r = g.first
         cells = []
@@ -184,7 +223,7 @@ def groups_csv(groups: list[Group]) -> str:
             cells += [_number(mean, 100), _number(sd, 100)]
         w.writerow([index, r.student or "", r.teacher or "", r.preset or "plain", " ".join(r.overrides), r.codec or "",
                     len(g.runs), " ".join("" if s is None else str(s) for s in g.seeds), _number(g.train_seconds()),
-                    *cells, " ".join(x.name for x in g.runs)])
+                    *cells, " ".join(x.name for x in g.runs), settings_label(r, firsts)])
     return out.getvalue()
 
 
