@@ -103,3 +103,49 @@ def test_mobilenet_zoo_entry_takes_torchvisions_pretrained_layout():
     assert [(s.name, s.channels) for s in spec.backbone_stages] == [("c5a", 160), ("c5", 960)]
     frozen = {n.split(".")[2] for n, p in ours.named_parameters() if not p.requires_grad}
     assert frozen == {str(i) for i in range(7)}  # torchvision freezes features[0..6] for 3 trainable stages
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_export_names_the_torchvision_builder(name):
+    """`defeat-cache export` writes the builder and kwargs that rebuild these entries in plain torchvision."""
+    from defeat_cache.models.detector import DetectorInfo
+    from defeat_cache.models.export import torchvision_builder
+    spec = load_model_spec(name)
+    info = DetectorInfo(spec, NUM_CLASSES, ["__background__", "a", "b", "c", "d"], [1, 2, 3, 4],
+                        spec.preprocessing, "training checkpoint")
+    built = torchvision_builder(info)
+    assert built["builder"] == BUILDERS[name][0].__name__
+    assert built["kwargs"]["num_classes"] == NUM_CLASSES and built["kwargs"]["min_size"] == 800
+
+
+def test_exported_mobilenet_student_loads_in_plain_torchvision(tmp_path):
+    """The deployable student end to end: export, torchvision's own builder from the sidecar, same detections."""
+    import json
+
+    from defeat_cache import load_detector
+    from defeat_cache.models.checkpoint import save_checkpoint, trained_model_payload
+    from defeat_cache.models.export import export_student
+
+    from builders import write_model_toml
+    toml = write_model_toml(tmp_path / "mbv3_small.toml", load_model_spec("mobilenet_v3_fpn").config,
+                            input={"min_size": 128, "max_size": 192}, rpn=FEW_PROPOSALS)
+    spec = load_model_spec(str(toml))
+    torch.manual_seed(0)
+    model = build_detector(spec, 3)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.mul_(4)  # spread scores: no ties to reorder
+    save_checkpoint(tmp_path / "final.pt", **trained_model_payload(
+        spec, 3, ["__background__", "cat", "dog"], spec.preprocessing, 10, model.state_dict(), category_ids=[17, 18]))
+    export_student(tmp_path / "final.pt", tmp_path / "student.pth")
+    meta = json.loads((tmp_path / "student.json").read_text())["torchvision"]
+    assert meta["builder"] == "fasterrcnn_mobilenet_v3_large_fpn"
+    tv = getattr(tvd, meta["builder"])(weights=None, weights_backbone=None, **meta["kwargs"]).eval()
+    tv.load_state_dict(torch.load(tmp_path / "student.pth", weights_only=True), strict=True)
+    ours = load_detector(tmp_path / "student.pth")
+    torch.manual_seed(1)
+    images = [torch.rand(3, 128, 160), torch.rand(3, 160, 128)]  # sizes that need no resize
+    with torch.no_grad():
+        for a, b in zip(tv(images), ours(images)):
+            assert len(a["boxes"]) == len(b["boxes"]) > 0
+            torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0.01)  # BN vs frozen BN rounding
+            assert torch.equal(a["labels"], b["labels"])

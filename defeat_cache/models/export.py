@@ -43,8 +43,11 @@ def torchvision_builder(info: DetectorInfo) -> dict | None:
     """
     spec = info.spec
     cfg = spec.config
+    # a zoo entry made to match another torchvision builder names it (r50_fpn_v2, mobilenet_v3_fpn, ...;
+    # tests/test_torchvision_zoo.py checks their outputs); the others match the v1 builders or none
+    named = cfg.get("torchvision_builder")
     want = {k: [float(x) for x in v] if isinstance(v, list) else v for k, v in _TORCHVISION_DEFAULTS.items()}
-    if any(_setting(cfg, k) != v for k, v in want.items()):
+    if not named and any(_setting(cfg, k) != v for k, v in want.items()):
         return None
     pre = info.preprocessing
     kwargs = {"num_classes": info.num_classes, "min_size": pre.min_size, "max_size": pre.max_size,
@@ -54,7 +57,7 @@ def torchvision_builder(info: DetectorInfo) -> dict | None:
         kwargs.update({f"box_{k}": v for k, v in cfg.get("roi", {}).items() if k != "representation_size"})
     else:
         kwargs.update(cfg.get("head", {}))
-    builder = _TORCHVISION_BUILDERS[spec.family]
+    builder = named or _TORCHVISION_BUILDERS[spec.family]
     # the builder's own model must have our names and shapes (a safeguard for zoo entries added later)
     from torchvision.models import detection
     with torch.device("meta"):
