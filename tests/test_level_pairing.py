@@ -131,3 +131,26 @@ def test_other_feature_kd_uses_the_same_pairs(v2_teacher, batch):
     p6_changed = [replace(o, features=[f * torch.linspace(-1, 2, f.shape[-1]) if i == 4 else f
                                        for i, f in enumerate(o.features)]) for o in outs]
     assert pkd(p6_changed) != reference
+
+
+def test_mobilenet_student_trains_from_a_resnet_teachers_cache(tmp_path, tiny_cache, tiny_shapes):
+    """The cache path: the tiny ResNet teacher's cache (P2-P6, by level names) drives a MobileNetV3
+    student (same preprocessing) for two iterations; its three levels learn from the cached P5, P5, P6."""
+    import math
+
+    from defeat_cache.engine.train import train
+
+    from builders import TINY_FRCNN, tiny_train_options, write_model_toml
+    from checks import run_metrics
+    config = copy.deepcopy(load_model_spec("mobilenet_v3_fpn").config)
+    config["input"] = dict(TINY_FRCNN["input"])  # the cache's preprocessing
+    config["backbone"]["norm"] = "bn"
+    config["rpn"], config["roi"] = dict(TINY_FRCNN["rpn"]), dict(TINY_FRCNN["roi"])
+    student = write_model_toml(tmp_path / "mbv3_tiny.toml", config)
+    run = tmp_path / "run"
+    summary = train(tiny_train_options(student, tiny_shapes, run, cache=tiny_cache(),
+                                       distill=load_preset("defeat", ["neck.finest_scale=4"])))
+    assert summary["iterations"] == 2
+    for line in run_metrics(run):
+        assert {"loss_neck_obj", "loss_neck_bg", "loss_cls_pos", "loss_cls_neg"} <= set(line)
+        assert all(math.isfinite(line[k]) for k in ("loss_neck_obj", "loss_neck_bg", "loss"))
