@@ -216,6 +216,8 @@ def test_student_proposals_cache_step_equals_online_step(tiny_cache, online_refe
     assert head is not None and step.distiller.teacher_head is head
     assert not isinstance(head, torch.nn.Module) and not any("teacher" in k for k in step.state_dict())
     assert not any(p.requires_grad for p in head.model.parameters())
+    # the box head alone in memory: no backbone, FPN or RPN weights
+    assert {n.split(".")[1] for n, _ in head.model.named_parameters()} == {"box_head", "box_predictor"}
     step.load_state_dict(state)
     scored, proposals = [], []
     real_head, real_forward = head.__call__, distiller_mod.Distiller.cls_losses
