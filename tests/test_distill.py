@@ -282,7 +282,9 @@ def test_head_only_teacher_equals_the_full_teacher(tiny_cache, tiny_model_toml, 
 
 
 def test_student_rois_refuses_what_cannot_work(tiny_cache, student_spec, data, tiny_teacher_checkpoint,
-                                              tiny_retina_checkpoint, tiny_retina_toml, tiny_model_toml, tmp_path):
+                                              tiny_retina_checkpoint, tiny_retina_toml, tiny_model_toml, tmp_path,
+                                              tiny_student_toml, tiny_shapes):
+    """The one-line errors of cls.rois = "student", and the CLI path that works (train --teacher-head)."""
     cache, build = tiny_cache("fp32"), sources_mod.build_teacher_source
     student_rois, teacher_rois = _preset("cls_student_rois", tiny_cache), _preset("cls_decoupled", tiny_cache)
     assert student_rois["cls"]["rois"] == "student" and teacher_rois["cls"]["rois"] == "teacher"
@@ -304,6 +306,15 @@ def test_student_rois_refuses_what_cannot_work(tiny_cache, student_spec, data, t
     result = CliRunner().invoke(cli, ["train", "--student", "x", "--data", "d.toml", "--out", str(tmp_path / "r"),
                                       "--teacher-head", str(tiny_teacher_checkpoint)])
     assert result.exit_code == 2 and "--teacher-head/--teacher-head-model apply to --cache" in result.output
+    args = ["train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes), "--cache", cache,
+            "--distill", "cls_student_rois", "--max-iters", "1", "--batch-size", "2", "--workers", "0"]
+    result = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "no_head")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith('Error: preset cls_student_rois: cls.rois = "student" needs')
+    result = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "run"), "--teacher-head", str(tiny_teacher_checkpoint)])
+    assert result.exit_code == 0, result.output
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "cls on the student's proposals, scored by tiny" in log_text and "(box head only)" in log_text
 
 
 def test_faithful_on_images_without_boxes(tmp_path, tiny_shapes, tiny_model_toml, tiny_teacher_checkpoint,
