@@ -112,6 +112,22 @@ def test_quarter_width_models_have_quarter_stage_channels(zoo_summary):
     assert zoo_summary["r18q_fpn_cpu"]["stage_out"] == [16, 32, 64, 128]
 
 
+def test_default_lr_is_the_papers_at_batch_32():
+    """Without --lr: 0.04 for Faster R-CNN FPN and 0.02 for RetinaNet at the paper's batch 32
+    (docs/method.md); a model TOML's [train] lr_per_image wins (the CPU-scale models)."""
+    from defeat_cache.engine.schedule import plan_schedule
+    from defeat_cache.models.zoo import load_model_spec
+
+    def lr(name: str) -> float:
+        spec = load_model_spec(name)
+        return plan_schedule(3200, 32, epochs=1, schedule=1.0, max_iters=None, lr=None,
+                             lr_per_image=spec.lr_per_image).lr
+
+    assert lr("r50_fpn") == pytest.approx(0.04) and lr("r152_fpn") == pytest.approx(0.04)
+    assert lr("r50_retina") == pytest.approx(0.02) and lr("r50_retina_mmdet") == pytest.approx(0.02)
+    assert lr("r18_retina_cpu") == pytest.approx(0.005 * 32)
+
+
 def test_unknown_model_and_bad_family(tmp_path):
     with pytest.raises(DataError, match="unknown model 'r9000'"):
         load_model_spec("r9000")

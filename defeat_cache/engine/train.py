@@ -142,7 +142,7 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, data: DetectionD
     sampler = ViewSampler(len(data.records), len(views), seed=opts.seed, rank=du.rank(), world_size=du.world_size())
     schedule = plan_schedule(len(sampler), opts.batch_size, epochs=opts.epochs, schedule=opts.schedule,
                              max_iters=opts.max_iters, lr=opts.lr, lr_step_epochs=opts.lr_steps,
-                             lr_per_image=float(spec.config.get("train", {}).get("lr_per_image", 0.02 / 16)))
+                             lr_per_image=spec.lr_per_image)
     optim = build_optimization(step, schedule, momentum=opts.momentum, weight_decay=opts.weight_decay,
                                warmup_iters=opts.warmup_iters, warmup_factor=opts.warmup_factor,
                                grad_clip=opts.grad_clip, use_amp=opts.amp and device.type == "cuda")

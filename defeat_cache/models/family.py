@@ -57,6 +57,9 @@ class Family:
     fpn_levels: tuple[Level, ...]  # on a ResNet (`pyramid` for other backbones); finest first, as torchvision's heads
     backbone_stages: tuple[Level, ...]  # the ResNet stages the body returns to the FPN
     has_roi_head: bool
+    # The default base learning rate per image of the global batch (a model TOML's
+    # [train] lr_per_image overrides it): the paper's 1x schedules, linearly scaled.
+    lr_per_image: float
 
     @property
     def cached_stage_indices(self) -> list[int]:
@@ -67,9 +70,13 @@ class Family:
 
 FAMILIES = {
     # C2-C5 -> P2-P5, and P6 by max-pooling P5 (for the RPN only)
-    "faster_rcnn": Family("faster_rcnn", "Faster R-CNN", _pyramid(2, 6), RESNET_STAGES, has_roi_head=True),
+    # lr 0.04 at batch 32 (0.02 at 16)
+    "faster_rcnn": Family("faster_rcnn", "Faster R-CNN", _pyramid(2, 6), RESNET_STAGES, has_roi_head=True,
+                          lr_per_image=0.02 / 16),
     # C3-C5 -> P3-P5, and P6, P7 by strided convolutions on P5; a dense head, no RoI head
-    "retinanet": Family("retinanet", "RetinaNet", _pyramid(3, 7), RESNET_STAGES[1:], has_roi_head=False),
+    # lr 0.02 at batch 32 (0.01 at 16), half of Faster R-CNN's, as the paper and mmdetection train it
+    "retinanet": Family("retinanet", "RetinaNet", _pyramid(3, 7), RESNET_STAGES[1:], has_roi_head=False,
+                        lr_per_image=0.01 / 16),
 }
 
 

@@ -194,6 +194,11 @@ class ModelSpec:
         return self.family_record.has_roi_head
 
     @property
+    def lr_per_image(self) -> float:
+        """The default base lr per image of the global batch: [train] lr_per_image, else the family's."""
+        return float(self.config.get("train", {}).get("lr_per_image", self.family_record.lr_per_image))
+
+    @property
     def backbone_kind(self) -> str:
         """[backbone] kind: "resnet" (default) or "mobilenet_v3_large" (models.family.BACKBONE_KINDS)."""
         return self.config["backbone"].get("kind", "resnet")
