@@ -104,6 +104,11 @@ def _train_options(**kw):
               "a folder or a URL (s3://bucket/cache.zarr).")
 @click.option("--teacher", default=None, help="Online distillation: teacher model name (with --teacher-checkpoint).")
 @click.option("--teacher-checkpoint", default=None, type=click.Path(dir_okay=False))
+@click.option("--teacher-head", default=None, type=click.Path(dir_okay=False),
+              help="With --cache and a preset with cls.rois = \"student\" (cls_student_rois): the teacher checkpoint "
+                   "whose RoI box head alone scores the student's proposals on the cached features.")
+@click.option("--teacher-head-model", default=None,
+              help="Model name or TOML of --teacher-head (default: the teacher the cache's manifest records).")
 @click.option("--distill", "preset", default=None, help="Distillation preset (configs/distill/NAME.toml or a path); "
               "`defeat` = the paper's full recipe. Default with --cache/--teacher: defeat.")
 @click.option("--set", "overrides", multiple=True, help="Override a preset value, e.g. --set neck.alpha_bg=8.")
@@ -141,7 +146,7 @@ def _train_options(**kw):
 @click.option("--log-every", type=int, default=20, show_default=True)
 @_storage_option
 @_user_errors
-def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, preset, overrides, epochs, schedule,
+def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, teacher_head, teacher_head_model, preset, overrides, epochs, schedule,
               max_iters, batch_size, lr, momentum, weight_decay, lr_steps, warmup_iters, warmup_factor, grad_clip,
               seed, device, workers, resume, force, eval_every, keep_epochs, checkpoint_minutes, init_weights,
               sync_bn, no_amp, log_every, storage_option):
@@ -165,6 +170,9 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
         raise click.UsageError("--set overrides a distillation preset; add --cache or --teacher")
     if storage_option and not cache:
         raise click.UsageError("--storage-option applies to a --cache URL (s3://...)")
+    if (teacher_head or teacher_head_model) and not cache:
+        raise click.UsageError("--teacher-head/--teacher-head-model apply to --cache (cls.rois = \"student\"); "
+                               "with --teacher the online teacher's own box head is used")
     opts = _train_options(student=student, data=data_toml, out=out, epochs=epochs, schedule=schedule,
                           max_iters=max_iters, batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, lr_steps=parse_lr_steps(lr_steps) if lr_steps is not None else None,
@@ -173,6 +181,7 @@ def train_cmd(student, data_toml, out, cache, teacher, teacher_checkpoint, prese
                           keep_epochs=keep_epochs, checkpoint_minutes=checkpoint_minutes, init_weights=init_weights,
                           sync_bn=sync_bn, amp=not no_amp, log_every=log_every, distill=distill, cache=cache,
                           teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+                          teacher_head=teacher_head, teacher_head_model=teacher_head_model,
                           storage_options=_storage_options(storage_option))
     summary = train(opts)
     from .distributed import is_main_process

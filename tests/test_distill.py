@@ -203,6 +203,120 @@ def test_cache_step_equals_online_step_other_presets(name, tiny_cache, online_re
     assert all(v <= 1e-6 for v in report.values()), report
 
 
+def test_student_proposals_cache_step_equals_online_step(tiny_cache, online_reference, student_spec, data,
+                                                         tiny_teacher_checkpoint, monkeypatch):
+    """cls.rois = "student" (docs/method.md#kd-on-the-students-proposals): the head-only teacher on the
+    cached features gives the same step as the online teacher's own box head on its features, and
+    the KD RoIs it scores are the student's proposals + GT, not the teacher's cached proposals."""
+    reference = online_reference("cls_student_rois")
+    preset, _, state, _ = reference
+    step, source = _make_step(student_spec, data, preset, cache=tiny_cache("fp32"),
+                              teacher_head=str(tiny_teacher_checkpoint))
+    head = source.roi_head
+    assert head is not None and step.distiller.teacher_head is head
+    assert not isinstance(head, torch.nn.Module) and not any("teacher" in k for k in step.state_dict())
+    assert not any(p.requires_grad for p in head.model.parameters())
+    # the box head alone in memory: no backbone, FPN or RPN weights
+    assert {n.split(".")[1] for n, _ in head.model.named_parameters()} == {"box_head", "box_predictor"}
+    step.load_state_dict(state)
+    scored, proposals = [], []
+    real_head, real_forward = head.__call__, distiller_mod.Distiller.cls_losses
+
+    def spy_head(features, rois, sizes):
+        scored.append([r.clone() for r in rois])
+        return real_head(features, rois, sizes)
+
+    def spy_cls(self, student, out, teacher, boxes, device, seeds=None):
+        proposals.append(([p.clone() for p in out.proposals], [b.clone() for b in boxes],
+                          [t.proposals.clone() for t in teacher]))
+        return real_forward(self, student, out, teacher, boxes, device, seeds)
+
+    monkeypatch.setattr(head, "__call__", spy_head, raising=False)
+    monkeypatch.setattr(type(head), "__call__", lambda self, *a: spy_head(*a))
+    monkeypatch.setattr(distiller_mod.Distiller, "cls_losses", spy_cls)
+    report = _compare(step, source, source.dataset(data), reference, "fp32", "cls_student_rois")
+    assert all(v <= 1e-6 for v in report.values()), report
+    assert len(scored) == len(proposals) == 2
+    for rois, (student_props, gts, teacher_props) in zip(scored, proposals):
+        for r, p, g, tp in zip(rois, student_props, gts, teacher_props):
+            assert len(r) > 0
+            cand = torch.cat([p, g])
+            assert all(bool((cand == row).all(dim=1).any()) for row in r)  # every scored RoI is a student candidate
+            assert not all(bool((tp == row).all(dim=1).any()) for row in r)  # not the teacher's proposals
+
+
+def test_head_only_teacher_equals_the_full_teacher(tiny_cache, tiny_model_toml, tiny_teacher_checkpoint, data):
+    """TeacherRoIHead.from_checkpoint on the cached features = the full teacher's box head on its own
+    forward, at arbitrary boxes, for images of different sizes."""
+    from defeat_cache.cache import TeacherCache
+    from defeat_cache.distill.head_teacher import TeacherRoIHead
+    from defeat_cache.models.checkpoint import load_weights
+    from defeat_cache.models.forward import backbone_features, roi_class_logits
+    spec = load_model_spec(str(tiny_model_toml))
+    head = TeacherRoIHead.from_checkpoint(spec, str(tiny_teacher_checkpoint), data, CPU)
+    assert all(p.device.type == "cpu" for p in head.model.parameters())
+    full = zoo.build_detector(spec, data.num_classes)
+    load_weights(full, tiny_teacher_checkpoint, classes=data)
+    full.eval()
+    cache = TeacherCache(tiny_cache("fp32"))
+    gen = torch.Generator().manual_seed(0)
+    sizes = set()
+    for index in range(min(len(cache), 6)):
+        item = cache.read(index)
+        h, w = item.image_size
+        sizes.add((h, w))
+        xy = torch.rand(7, 2, generator=gen) * torch.tensor([w * 0.7, h * 0.7])
+        wh = torch.rand(7, 2, generator=gen) * torch.tensor([w * 0.3, h * 0.3]) + 2
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        got = head([item.features], [boxes], [item.image_size])[0]
+        ds_sample = sources_mod.CachedViewDataset(data, sources_mod.Preprocessing.from_dict(
+            cache.provenance()["preprocessing"]), sources_mod.ViewSet(tuple(cache.provenance()["views"])),
+            cache).sample(item.image_index, item.view_index)
+        with torch.no_grad():
+            image_list, _ = full.transform([ds_sample["image"]])
+            fpn, _ = backbone_features(full, image_list)
+            want = roi_class_logits(full, fpn, [boxes], image_list.image_sizes)
+        assert got.shape == want.shape == (7, data.num_classes)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(sizes) > 1
+
+
+def test_student_rois_refuses_what_cannot_work(tiny_cache, student_spec, data, tiny_teacher_checkpoint,
+                                              tiny_retina_checkpoint, tiny_retina_toml, tiny_model_toml, tmp_path,
+                                              tiny_student_toml, tiny_shapes):
+    """The one-line errors of cls.rois = "student", and the CLI path that works (train --teacher-head)."""
+    cache, build = tiny_cache("fp32"), sources_mod.build_teacher_source
+    student_rois, teacher_rois = _preset("cls_student_rois", tiny_cache), _preset("cls_decoupled", tiny_cache)
+    assert student_rois["cls"]["rois"] == "student" and teacher_rois["cls"]["rois"] == "teacher"
+    with pytest.raises(UserError, match=r"cls_student_rois: cls.rois = \"student\" needs .* --teacher-head CKPT"):
+        build(data, student_spec, student_rois, CPU, cache=cache)
+    with pytest.raises(UserError, match="cls_decoupled samples its cls KD RoIs from the teacher's cached proposals"):
+        build(data, student_spec, teacher_rois, CPU, cache=cache, teacher_head=str(tiny_teacher_checkpoint))
+    with pytest.raises(UserError, match=r"has no roi_heads.box_head.\* / roi_heads.box_predictor.\* weights"):
+        build(data, student_spec, student_rois, CPU, cache=cache, teacher_head=str(tiny_retina_checkpoint))
+    with pytest.raises(UserError, match="is a RetinaNet model and has no RoI head"):
+        build(data, student_spec, student_rois, CPU, cache=cache, teacher_head=str(tiny_retina_checkpoint),
+              teacher_head_model=str(tiny_retina_toml))
+    with pytest.raises(UserError, match="--teacher-head is for --cache"):
+        build(data, student_spec, student_rois, CPU, teacher=str(tiny_model_toml),
+              teacher_checkpoint=str(tiny_teacher_checkpoint), teacher_head=str(tiny_teacher_checkpoint))
+    with pytest.raises(DataError, match="cls.rois = 'proposals'; choose one of teacher, student"):
+        load_preset("cls_decoupled", ["cls.rois=proposals"])
+    assert load_preset("defeat", ["cls.rois=student"])["cls"]["rois"] == "student"
+    result = CliRunner().invoke(cli, ["train", "--student", "x", "--data", "d.toml", "--out", str(tmp_path / "r"),
+                                      "--teacher-head", str(tiny_teacher_checkpoint)])
+    assert result.exit_code == 2 and "--teacher-head/--teacher-head-model apply to --cache" in result.output
+    args = ["train", "--student", str(tiny_student_toml), "--data", str(tiny_shapes), "--cache", cache,
+            "--distill", "cls_student_rois", "--max-iters", "1", "--batch-size", "2", "--workers", "0"]
+    result = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "no_head")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith('Error: preset cls_student_rois: cls.rois = "student" needs')
+    result = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "run"), "--teacher-head", str(tiny_teacher_checkpoint)])
+    assert result.exit_code == 0, result.output
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "cls on the student's proposals, scored by tiny" in log_text and "(box head only)" in log_text
+
+
 def test_faithful_on_images_without_boxes(tmp_path, tiny_shapes, tiny_model_toml, tiny_teacher_checkpoint,
                                           student_spec):
     """Batches whose images have no GT (G = 0 cached gt logits; no positive RoIs; all-background masks)."""
@@ -345,14 +459,17 @@ def test_weight_variants_differ_in_weights_only():
 
 
 @pytest.mark.parametrize("name", [p for p in list_presets() if p not in WEIGHT_VARIANTS])
-def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_toml, tiny_shapes):
+def test_train_from_cache_with_preset(name, tmp_path, tiny_cache, tiny_student_toml, tiny_shapes,
+                                      tiny_teacher_checkpoint):
     preset = _preset(name, tiny_cache)
     expected = _expected_kd_terms(preset)
     if name in EXPECTED:
         assert expected == EXPECTED[name]
     cache = tiny_cache("fp32", backbone=bool(preset["backbone"]["enabled"]))
     run = tmp_path / "run"
-    summary = train(tiny_train_options(tiny_student_toml, tiny_shapes, run, distill=preset, cache=cache))
+    # cls.rois = "student" (cls_student_rois): the teacher's box head scores the student's proposals
+    head = {"teacher_head": str(tiny_teacher_checkpoint)} if preset["cls"]["rois"] == "student" else {}
+    summary = train(tiny_train_options(tiny_student_toml, tiny_shapes, run, distill=preset, cache=cache, **head))
     assert summary["iterations"] == 2 and Path(summary["final"]).is_file()
     lines = run_metrics(run)
     assert [l["iter"] for l in lines] == [1, 2]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..distributed import batch_normaliser
+from ..errors import UserError
 from ..models.forward import DetectorOutput, is_retinanet, roi_class_logits
 from ..models.sampling import ItemSeededSampler, image_generators, seeded_sampling
 from ..models.zoo import ModelSpec
@@ -34,7 +35,9 @@ class Distiller(nn.Module):
     channels size the adaptation layers); the teacher itself is never part of this module.
     """
 
-    def __init__(self, preset: dict, student: ModelSpec, teacher: TeacherFacts):
+    def __init__(self, preset: dict, student: ModelSpec, teacher: TeacherFacts, teacher_head=None):
+        """teacher_head: a `head_teacher.TeacherRoIHead`, needed by cls.rois = "student" (the
+        teacher's logits at the student's proposals); a plain attribute, never a submodule."""
         super().__init__()
         self.preset = preset
         neck, cls, bb = preset["neck"], preset["cls"], preset["backbone"]
@@ -81,6 +84,11 @@ class Distiller(nn.Module):
         if self.cls_on:
             rpi = int(cls["rois_per_image"]) or int(student.config.get("roi", {}).get("batch_size_per_image", 512))
             self.kd_sampler = ItemSeededSampler(rpi, float(cls["positive_fraction"]), "kd_rois")
+        self.student_rois = self.cls_on and cls["rois"] == "student"
+        if self.student_rois and teacher_head is None:
+            raise UserError(f"preset {preset['name']}: cls.rois = \"student\" needs the teacher's RoI head to score "
+                            "the student's proposals: give --teacher-head CKPT (the teacher's checkpoint) with --cache")
+        self.teacher_head = teacher_head if self.student_rois else None
 
     @property
     def parts(self) -> list[str]:
@@ -190,9 +198,13 @@ class Distiller(nn.Module):
                    seeds: list[int] | None = None) -> dict:
         cfg = self.preset["cls"]
         rois, t_logits, positive = [], [], []
-        for t, gt in zip(teacher, boxes):
-            cand = torch.cat([t.proposals, t.gt_boxes]).to(device)
-            logits = torch.cat([t.proposal_logits, t.gt_logits]).to(device)
+        for i, (t, gt) in enumerate(zip(teacher, boxes)):
+            if self.student_rois:  # the student's proposals + GT, as the student's own box head samples them
+                cand = torch.cat([out.proposals[i], gt]).to(device)
+                logits = None  # computed below for the sampled RoIs only
+            else:
+                cand = torch.cat([t.proposals, t.gt_boxes]).to(device)
+                logits = torch.cat([t.proposal_logits, t.gt_logits]).to(device)
             if len(gt) and len(cand):
                 pos = box_iou(cand, gt).max(dim=1).values >= float(cfg["fg_iou"])
             else:
@@ -211,7 +223,10 @@ class Distiller(nn.Module):
         elif mode in ("all_positive", "all_negative"):  # the sampled RoIs of one kind only
             keep = [k & (p if mode == "all_positive" else ~p) for k, p in zip(keep, positive)]
         rois = [r[k] for r, k in zip(rois, keep)]
-        t_all = torch.cat([lg[k] for lg, k in zip(t_logits, keep)])
+        if self.student_rois:
+            t_all = torch.cat(self.teacher_head([t.features for t in teacher], rois, out.images.image_sizes))
+        else:
+            t_all = torch.cat([lg[k] for lg, k in zip(t_logits, keep)])
         pos_all = torch.cat([p[k] for p, k in zip(positive, keep)])
         s_all = roi_class_logits(student, out.fpn, rois, out.images.image_sizes).float()
         if mode.startswith("all"):
@@ -255,10 +270,12 @@ def _level_anchors(student: nn.Module, out: DetectorOutput) -> tuple[list[Tensor
     return list(anchors.split(counts)), list(num_a)
 
 
-def build_distiller(preset: dict, student: ModelSpec, teacher: TeacherFacts) -> Distiller:
-    """The criterion of a resolved `preset` (distill.presets) for this student and teacher."""
-    distiller = Distiller(preset, student, teacher)
-    log(f"distilling with preset {preset['name']} from {teacher.description}: " + ", ".join(distiller.parts))
+def build_distiller(preset: dict, student: ModelSpec, teacher: TeacherFacts, teacher_head=None) -> Distiller:
+    """The criterion of a resolved `preset` (distill.presets) for this student and teacher
+    (`teacher_head`: the teacher source's `roi_head`, for cls.rois = "student")."""
+    distiller = Distiller(preset, student, teacher, teacher_head)
+    rois = f"; cls on the student's proposals, scored by {teacher_head.description}" if distiller.student_rois else ""
+    log(f"distilling with preset {preset['name']} from {teacher.description}: " + ", ".join(distiller.parts) + rois)
     return distiller
 
 

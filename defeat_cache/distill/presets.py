@@ -14,6 +14,9 @@ PRESET_DIR = CONFIG_DIR / "distill"
 MASK_KINDS = ("gt", "fgfi", "gaussian", "random", "all")
 # "all_*": the all-cls formula (paper Eq. 2: lam x mean KL_t, one temperature) over a subset of the sampled RoIs
 CLS_MODES = ("decoupled", "all", "sub_negative", "all_positive", "all_negative", "all_sub_negative")
+# whose proposals the cls KD RoIs are sampled from: the teacher's (cached with their logits) or the
+# student's (scored by the teacher's box head during training: docs/method.md#kd-on-the-students-proposals)
+CLS_ROIS = ("teacher", "student")
 
 # The feature-KD methods besides DeFeat (docs/method.md#other-feature-kd-methods), one optional
 # section each; a preset without the section gets these values (the authors' Faster R-CNN COCO
@@ -98,6 +101,8 @@ def validate(preset: dict, source: str) -> dict:
             raise DataError(f"{source}: distillation preset needs a [{sec}] section")
     if neck["mask"] not in MASK_KINDS:
         raise DataError(f"{source}: neck.mask = {neck['mask']!r}; choose one of {', '.join(MASK_KINDS)}")
+    if cls["rois"] not in CLS_ROIS:
+        raise DataError(f"{source}: cls.rois = {cls['rois']!r}; choose one of {', '.join(CLS_ROIS)}")
     if cls["mode"] not in CLS_MODES:
         raise DataError(f"{source}: cls.mode = {cls['mode']!r}; choose one of {', '.join(CLS_MODES)}")
     fs = neck.get("finest_scale", "auto")
@@ -154,6 +159,8 @@ def load_preset(name: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
         if not isinstance(preset.get(method, {}), dict):
             raise DataError(f"{path}: [{method}] must be a section")
         preset[method] = {**defaults, **preset.get(method, {})}
+    if isinstance(preset.get("cls"), dict):
+        preset["cls"].setdefault("rois", "teacher")
     for o in overrides:
         apply_override(preset, o)
     preset["name"] = path.stem

@@ -31,6 +31,7 @@ from ..models.zoo import ModelSpec, build_detector, load_model_spec
 from ..progress import log
 from ..views import Preprocessing, ViewSet
 from .compat import TeacherFacts
+from .head_teacher import TeacherRoIHead
 
 
 class TeacherSource(Protocol):
@@ -39,6 +40,7 @@ class TeacherSource(Protocol):
     preprocessing: Preprocessing  # the student's exact input
     views: ViewSet
     facts: TeacherFacts
+    roi_head: TeacherRoIHead | None  # the teacher's box head, for cls.rois = "student" (else None)
 
     def dataset(self, data: DetectionData) -> ViewDataset:
         """The student's samples of `data` (with the cached teacher items, for a cache)."""
@@ -91,7 +93,10 @@ class CacheSource:
     """Teacher outputs read from a cache; refuses a cache that does not fit the run."""
 
     def __init__(self, path: str, data: DetectionData, student: ModelSpec, storage_options: dict | None = None,
-                 decode_on_device: bool = False, in_memory: bool = False):
+                 decode_on_device: bool = False, in_memory: bool = False, head_checkpoint: str | None = None,
+                 head_model: str | None = None, device: torch.device = torch.device("cpu")):
+        """head_checkpoint: the teacher checkpoint whose box head alone scores the student's
+        proposals (cls.rois = "student"); head_model: its model (default: the manifest's teacher)."""
         self.cache = TeacherCache(path, storage_options=storage_options)
         self.decode_on_device = decode_on_device
         prov = self.cache.provenance()
@@ -117,10 +122,31 @@ class CacheSource:
             backbone_channels={lv.name: lv.channels for lv in layout.backbone_levels},
             description=f"cache {path} ({prov['teacher']['name']}, codec {layout.codec})")
 
+        self.roi_head = None
+        if head_checkpoint:
+            self.roi_head = TeacherRoIHead.from_checkpoint(self._head_spec(prov, head_model, path), head_checkpoint,
+                                                           data, device)
+
         self.in_memory = None
         if in_memory:
             log(f"reading the {len(self.cache)} items of {path} into memory")
             self.in_memory = {i: self.cache.read(i) for i in range(len(self.cache))}
+
+    def _head_spec(self, prov: dict, head_model: str | None, path: str) -> ModelSpec:
+        """The teacher model of --teacher-head: --teacher-head-model, else the one the manifest records."""
+        if head_model:
+            spec = load_model_spec(head_model)
+        else:
+            t = prov["teacher"]
+            if "config" not in t:
+                raise UserError(f"cache {path} does not record its teacher's model config; give --teacher-head-model")
+            spec = ModelSpec(name=t["name"], family=t["family"], config=t["config"], preprocessing=self.preprocessing)
+        cached = tuple(lv.channels for lv in self.cache.layout.feature_levels)
+        if spec.has_roi_head and tuple(lv.channels for lv in spec.fpn_levels) != cached:
+            raise UserError(f"--teacher-head-model {spec.name}: its FPN levels have {[lv.channels for lv in spec.fpn_levels]} "
+                            f"channels, the cache's {list(cached)}; give the model the cache was extracted with "
+                            f"({prov['teacher'].get('name')})")
+        return spec
 
     def dataset(self, data: DetectionData) -> ViewDataset:
         return CachedViewDataset(data, self.preprocessing, self.views, self.cache,
@@ -136,7 +162,8 @@ class OnlineSource:
     """A frozen teacher in memory (today's online distillation; our reference for faithfulness)."""
 
     def __init__(self, teacher_name: str, checkpoint: str, data: DetectionData, student: ModelSpec,
-                 views: ViewSet, device: torch.device, proposals: int, pre_nms_top_n: int, with_backbone: bool):
+                 views: ViewSet, device: torch.device, proposals: int, pre_nms_top_n: int, with_backbone: bool,
+                 with_roi_head: bool = False):
         spec = load_model_spec(teacher_name)
         diff = _diff(student.preprocessing.to_dict(), spec.preprocessing.to_dict())
         if diff:
@@ -153,6 +180,10 @@ class OnlineSource:
         self.facts = TeacherFacts.of_spec(spec, with_backbone=True,
                                           description=f"online teacher {spec.name} ({checkpoint})")
         self.proposals, self.pre_nms_top_n, self.with_backbone = proposals, pre_nms_top_n, with_backbone
+        # cls.rois = "student": the in-memory teacher's own box head on its own features, the same
+        # code path as a cache's head-only teacher (head_teacher.py)
+        self.roi_head = TeacherRoIHead(teacher, spec, f"online teacher {spec.name}'s box head") \
+            if with_roi_head and spec.has_roi_head else None
 
     def dataset(self, data: DetectionData) -> ViewDataset:
         return ViewDataset(data, self.preprocessing, self.views)
@@ -167,18 +198,37 @@ class OnlineSource:
 def build_teacher_source(data: DetectionData, student: ModelSpec, preset: dict, device: torch.device, *,
                          cache: str | None = None, storage_options: dict | None = None,
                          teacher: str | None = None, teacher_checkpoint: str | None = None,
-                         views: str = "orig,hflip", cache_in_memory: bool = False) -> TeacherSource:
+                         views: str = "orig,hflip", cache_in_memory: bool = False,
+                         teacher_head: str | None = None, teacher_head_model: str | None = None) -> TeacherSource:
     """A cache (`cache`, fsspec `storage_options` for a URL; it holds its own views) or an
     online teacher (`teacher` model name or TOML and its `teacher_checkpoint`, on `views`).
     On CUDA a cache's items travel encoded and are decoded on the device (less host-to-device
-    traffic, no decoding in the DataLoader workers); on the CPU the workers decode them."""
+    traffic, no decoding in the DataLoader workers); on the CPU the workers decode them.
+
+    `teacher_head` (cache mode): the teacher checkpoint whose box head scores the student's
+    proposals, which a preset with cls.rois = "student" needs (`teacher_head_model`: its model,
+    default the manifest's teacher); online, the teacher's own box head does."""
+    student_rois = bool(preset["cls"]["enabled"]) and preset["cls"]["rois"] == "student"
+    if teacher_head and not cache:
+        raise UserError("--teacher-head is for --cache; with --teacher the online teacher's own box head scores "
+                        "the student's proposals")
+    if teacher_head_model and not teacher_head:
+        raise UserError("--teacher-head-model names the model of --teacher-head; give --teacher-head CKPT too")
+    if teacher_head and not student_rois:
+        raise UserError(f"--teacher-head: preset {preset['name']} samples its cls KD RoIs from the teacher's cached "
+                        "proposals (cls.rois = \"teacher\"), so it needs no teacher head; use a preset with "
+                        "cls.rois = \"student\" (cls_student_rois) or --set cls.rois=student")
     if cache:
+        if student_rois and not teacher_head:
+            raise UserError(f"preset {preset['name']}: cls.rois = \"student\" needs the teacher's RoI head to score "
+                            "the student's proposals: give --teacher-head CKPT (the teacher's checkpoint) with --cache")
         return CacheSource(cache, data, student, storage_options, decode_on_device=device.type == "cuda",
-                           in_memory=cache_in_memory)
+                           in_memory=cache_in_memory, head_checkpoint=teacher_head, head_model=teacher_head_model,
+                           device=device)
     return OnlineSource(teacher, teacher_checkpoint, data, student, ViewSet.parse(views), device,
                         proposals=int(preset["teacher"]["proposals"]),
                         pre_nms_top_n=int(preset["teacher"]["pre_nms_top_n"]),
-                        with_backbone=bool(preset["backbone"]["enabled"]))
+                        with_backbone=bool(preset["backbone"]["enabled"]), with_roi_head=student_rois)
 
 
 __all__ = ["CacheSource", "CachedViewDataset", "OnlineSource", "TeacherFacts", "TeacherSource", "build_teacher_source"]

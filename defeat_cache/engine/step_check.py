@@ -21,10 +21,10 @@ from .train import TrainStep, initial_distiller, initial_student
 def build_step(student: ModelSpec, data: DetectionData, preset: dict, device: torch.device, seed: int = 0,
                **source_args) -> tuple[TrainStep, TeacherSource]:
     """(TrainStep in train mode on `device`, its teacher source), built as `train()` builds them
-    for run seed `seed`. `source_args`: cache=... or teacher=..., teacher_checkpoint=..."""
+    for run seed `seed`. `source_args`: cache=... (and teacher_head=... for cls.rois = "student") or teacher=..., teacher_checkpoint=..."""
     model = initial_student(student, data.num_classes, seed)
     source = build_teacher_source(data, student, preset, device, **source_args)
-    distiller = initial_distiller(preset, student, source.facts, seed)
+    distiller = initial_distiller(preset, student, source.facts, seed, source.roi_head)
     return TrainStep(model, distiller).to(device).train(), source
 
 

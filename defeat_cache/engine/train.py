@@ -83,6 +83,10 @@ class TrainOptions:
     storage_options: dict | None = None  # fsspec options for a URL cache (s3://...); kept out of config.json
     teacher: str | None = None
     teacher_checkpoint: str | None = None
+    # cache mode, cls.rois = "student": the teacher checkpoint whose box head alone scores the
+    # student's proposals (distill/head_teacher.py), and its model (default: the cache's teacher)
+    teacher_head: str | None = None
+    teacher_head_model: str | None = None
     # hold the whole cache decoded in RAM (small caches; pipeline/bench_train.py's in-memory mode,
     # which measures a step without cache I/O and decoding)
     cache_in_memory: bool = False
@@ -130,7 +134,8 @@ def _train(opts: TrainOptions, device: torch.device, out: Path, data: DetectionD
     # in (an online teacher or not) changes nothing.
     model = initial_student(spec, data.num_classes, opts.seed, opts.init_weights, classes=data)
     source = _build_teacher_source(opts, spec, data, device)  # None: plain training
-    distiller = initial_distiller(opts.distill, spec, source.facts, opts.seed) if source is not None else None
+    distiller = initial_distiller(opts.distill, spec, source.facts, opts.seed, source.roi_head) \
+        if source is not None else None
     pre, views, dataset = _training_data(opts, spec, data, source)
     step, step_fn = _build_train_step(opts, model, distiller, device)
 
@@ -306,10 +311,11 @@ def initial_student(spec: ModelSpec, num_classes: int, seed: int, init_weights: 
     return model
 
 
-def initial_distiller(preset: dict, spec: ModelSpec, teacher_facts, seed: int) -> Distiller:
-    """The distiller (adaptation layers and any other KD module) a run of `seed` starts from."""
+def initial_distiller(preset: dict, spec: ModelSpec, teacher_facts, seed: int, teacher_head=None) -> Distiller:
+    """The distiller (adaptation layers and any other KD module) a run of `seed` starts from
+    (`teacher_head`: the source's `roi_head`, for cls.rois = "student")."""
     with seeded_init(seed, "distiller"):
-        return build_distiller(preset, spec, teacher_facts)
+        return build_distiller(preset, spec, teacher_facts, teacher_head)
 
 
 def _eval_data(opts: TrainOptions, data: DetectionData) -> DetectionData | None:
@@ -330,7 +336,8 @@ def _build_teacher_source(opts: TrainOptions, spec: ModelSpec, data: DetectionDa
     return build_teacher_source(data, spec, opts.distill, device, cache=opts.cache,
                                 storage_options=opts.storage_options, teacher=opts.teacher,
                                 teacher_checkpoint=opts.teacher_checkpoint, views=opts.views,
-                                cache_in_memory=opts.cache_in_memory)
+                                cache_in_memory=opts.cache_in_memory, teacher_head=opts.teacher_head,
+                                teacher_head_model=opts.teacher_head_model)
 
 
 def _training_data(opts: TrainOptions, spec: ModelSpec, data: DetectionData,

@@ -161,7 +161,7 @@ def _imagenet_to_body(state: dict) -> dict:
 
 
 def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None = None, classes=None,
-                 class_heads: str = "require") -> LoadedWeights:
+                 class_heads: str = "require", only: tuple[str, ...] | None = None) -> LoadedWeights:
     """Loads a full-detector checkpoint (any `read_weights` format), or ImageNet weights into the backbone body.
 
     `backbone_only=None` decides from the keys: an ImageNet ResNet has `conv1.`, `layer1.` ...
@@ -171,9 +171,15 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
     still do not fit, `class_heads="skip"` (fine-tuning) loads everything else and says which
     heads it skipped; `"require"` (a teacher) refuses with the reason. Any other key or shape
     mismatch is a one-line UserError naming the keys, never a silent partial load.
+
+    `only` (state-dict prefixes, e.g. the RoI box head's): load and check just the keys under
+    them, from a full-detector checkpoint (distill/head_teacher.py); the rest of the file and of
+    `model` (which may sit on the meta device) is left alone.
     """
     weights = read_weights(path)
     state, notes = weights.state, []
+    if only:
+        backbone_only = False
     converted = None if backbone_only else foreign_source(state)
     if converted:  # mmdetection / detectron2 names and layouts -> this model's (models/convert)
         from .convert import convert_state
@@ -198,6 +204,12 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
                 target = {k: v for k, v in target.items() if not k.startswith(tuple(f"{p}." for p in skipped))}
                 notes.append(f"skipped the class-dependent heads {', '.join(skipped)}, which start from their "
                              f"initialisation: {fit.mismatch}")
+    if only:
+        if not any(k.startswith(only) for k in state):
+            raise UserError(f"{path}: has no {' / '.join(p + '*' for p in only)} weights ({weights.source}); "
+                            "give the teacher's full detector checkpoint, the one the cache was extracted with")
+        state = {k: v for k, v in state.items() if k.startswith(only)}
+        target = {k: v for k, v in target.items() if k.startswith(only)}
     # torchvision's BatchNorm state has num_batches_tracked counters that FrozenBatchNorm2d
     # lacks (and the reverse): counters carry no weights, so they never decide a mismatch.
     counter = "num_batches_tracked"

@@ -22,6 +22,7 @@ class DetectorOutput:
     fpn: OrderedDict  # name -> [B, C, H, W], finest level first (the names torchvision's heads expect)
     body: list[Tensor]  # backbone stages the body returns (C2-C5 or C3-C5)
     losses: dict[str, Tensor] = field(default_factory=dict)
+    proposals: list[Tensor] | None = None  # the RPN's proposals per image (detached), None for RetinaNet
 
 
 def is_retinanet(model: nn.Module) -> bool:
@@ -46,6 +47,7 @@ def detector_forward(model: nn.Module, images: list[Tensor], targets: list[dict]
         out.losses = model.compute_loss(targets, head_outputs, anchors)
     else:
         proposals, rpn_losses = model.rpn(image_list, fpn, targets)
+        out.proposals = [p.detach() for p in proposals]  # the KD RoIs of cls.rois = "student"
         _, roi_losses = model.roi_heads(fpn, proposals, image_list.image_sizes, targets)
         out.losses = {**rpn_losses, **roi_losses}
     return out

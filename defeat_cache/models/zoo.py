@@ -383,6 +383,13 @@ def _box_head(spec: ModelSpec) -> tuple[nn.Module, int]:
     return FastRCNNConvFCHead((spec.fpn_channels, 7, 7), convs, fcs, norm_layer=norm), fcs[-1]
 
 
+def box_head_modules(spec: ModelSpec, num_classes: int) -> tuple[MultiScaleRoIAlign, nn.Module, FastRCNNPredictor]:
+    """A Faster R-CNN's RoI box head: (box_roi_pool, box_head, box_predictor), the modules
+    `build_detector` gives torchvision's RoIHeads (also built alone: distill/head_teacher.py)."""
+    box_head, rep = _box_head(spec)
+    return _roi_pool(spec), box_head, FastRCNNPredictor(rep, num_classes)
+
+
 def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
     """A torchvision detector for `num_classes` classes including background."""
     spec = load_model_spec(spec) if isinstance(spec, str) else spec
@@ -403,13 +410,13 @@ def build_detector(spec: ModelSpec | str, num_classes: int) -> nn.Module:
         if "rpn_head" in cfg:  # v2: more 3x3 convs before the RPN's predictors
             extra["rpn_head"] = RPNHead(spec.fpn_channels, anchors.num_anchors_per_location()[0],
                                         conv_depth=int(cfg["rpn_head"].get("conv_depth", 1)))
-        box_head, rep = _box_head(spec)
+        box_roi_pool, box_head, box_predictor = box_head_modules(spec, num_classes)
         model = FasterRCNN(
             backbone, num_classes=None,
             rpn_anchor_generator=anchors,
-            box_roi_pool=_roi_pool(spec),
+            box_roi_pool=box_roi_pool,
             box_head=box_head,
-            box_predictor=FastRCNNPredictor(rep, num_classes),
+            box_predictor=box_predictor,
             **extra,
             **{f"rpn_{k}": v for k, v in rpn.items()},
             **{f"box_{k}": v for k, v in roi.items() if k != "representation_size"},
@@ -446,5 +453,5 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["AlignedMultiScaleRoIAlign", "FeatureMap", "ModelSpec", "NarrowResNet", "RetinaExtraLevels",
-           "UnroundedAnchorGenerator", "ViewTransform", "build_detector", "list_models", "load_model_spec",
+           "UnroundedAnchorGenerator", "ViewTransform", "box_head_modules", "build_detector", "list_models", "load_model_spec",
            "count_parameters", "spec_dict", "CONFIG_DIR"]
