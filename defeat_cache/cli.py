@@ -419,9 +419,10 @@ def eval_cmd(checkpoint, data_toml, model, split, device, batch_size, workers, c
     """COCO bbox AP and AR (all 12 numbers; VOC07 mAP for VOC) of a checkpoint (torchrun: split over ranks)."""
     from .data.dataset import load_dataset
     from .distributed import init_from_env
-    from .engine.evaluate import evaluate
+    from .engine.evaluate import check_loader_options, evaluate
     from .engine.metrics_text import format_classwise, format_metrics
     from .models.detector import load_detector
+    check_loader_options(batch_size, workers)  # before loading anything
     dev = init_from_env(device)
     data = load_dataset(data_toml, split)
     net = load_detector(checkpoint, model, data, dev)

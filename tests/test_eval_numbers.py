@@ -68,3 +68,12 @@ def test_eval_classwise_table_and_json_with_a_class_without_ground_truth(tmp_pat
     assert rows["ring"] == [str(ids["ring"]), "ring", "n/a"]
     assert rows["circle"] == [str(ids["circle"]), "circle", f"{100 * ap['circle']:.2f}"]
     assert len(rows) == len(ids)
+
+
+def test_eval_refuses_impossible_loader_options_in_one_line(tiny_trained_checkpoint, tiny_shapes):
+    """--batch-size 0 and --workers -1 were DataLoader tracebacks; now one line, before the checkpoint loads."""
+    for option, value, said in (("--batch-size", "0", "--batch-size 0: must be at least 1"),
+                                ("--workers", "-1", "--workers -1: must be 0 or more")):
+        res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tiny_trained_checkpoint), "--data",
+                                        str(tiny_shapes), "--model", "unused-model-name", option, value])
+        assert res.exit_code == 1 and said in res.output and "Traceback" not in res.output, res.output

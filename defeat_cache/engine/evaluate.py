@@ -23,16 +23,24 @@ from .. import distributed as du
 from ..data.dataset import ViewDataset, check_batch, collate
 from ..data.records import DetectionData
 from ..models.detector import view_inputs
+from ..options import check_int
 from ..progress import progress
 from ..views import Preprocessing, ViewSet
 from .metrics import coco_bbox_evaluation, voc07_map
 
 
 @torch.no_grad()
+def check_loader_options(batch_size, workers) -> None:
+    """Evaluation's batch size and DataLoader workers, as `eval` spells them (one-line errors)."""
+    check_int("--batch-size", batch_size, 1, "images per forward")
+    check_int("--workers", workers, 0, "DataLoader worker processes; 0 = load data in the main process")
+
+
 def predict(model: nn.Module, data: DetectionData, pre: Preprocessing, device: torch.device,
             batch_size: int = 8, workers: int = 2, show_progress: bool = True) -> list[dict]:
     """Detections in original image coordinates: one dict per image (boxes, scores, labels),
     for this rank's images (every `world_size`-th, from its rank) when run under torchrun."""
+    check_loader_options(batch_size, workers)
     model.eval().to(device)
     with view_inputs(model):  # the dataset gives views: resized and normalised already
         return _predict_views(model, data, pre, device, batch_size, workers, show_progress)
