@@ -74,6 +74,12 @@ class TeacherCache:
         self.codec: FeatureCodec = self.layout.codec_object()
         self.num_views = self.layout.num_views
         self._level_names = [n for n, _ in self.layout.all_levels]
+        # the arrays an item has parts in: its levels (and params) always, its rows when it has any
+        params = ["params"] if self.codec.has_params else []
+        rows = ["rois"] + (["logits"] if self.layout.separate_logits else [])
+        self._level_arrays = self._level_names + params
+        self._item_arrays = self._level_arrays + rows
+        self._small_arrays = rows + params  # read together, before the levels
         self._nf = len(self.layout.feature_levels)
         # the bases are small (a few C x C floats per level): read once, kept with the reader
         by_name = read_bases(group, self.layout)
@@ -163,10 +169,8 @@ class TeacherCache:
         # Zarr reads a missing chunk as fill (zeros): every array holding part of this item must
         # have its shard file, or a deleted file would train as zeros.
         has_rows = meta.n_proposals + meta.n_gt > 0
-        self._check_shard_files(A, self._level_names + (["params"] if self.codec.has_params else []) + (
-            (["rois"] + (["logits"] if self.layout.separate_logits else [])) if has_rows else []), i, shard)
-        small = ["rois"] + (["logits"] if self.layout.separate_logits else []) + \
-            (["params"] if self.codec.has_params else [])
+        self._check_shard_files(A, self._item_arrays if has_rows else self._level_arrays, i, shard)
+        small = self._small_arrays
         reqs = [(A[name], i) for name in small]
         for name, (h, w) in zip(self._level_names, meta.extents):
             reqs.append((A[name], (i, slice(None), slice(0, h), slice(0, w))))

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import UserError
 from ..views import Preprocessing
 from .class_map import drop_class_heads, fit_class_heads, refuse_teacher_classes
+from .state_diff import state_diff
 from .zoo import ModelSpec, build_detector, spec_dict
 
 
@@ -214,10 +215,9 @@ def load_weights(model: nn.Module, path: str | Path, backbone_only: bool | None 
     # lacks (and the reverse): counters carry no weights, so they never decide a mismatch.
     counter = "num_batches_tracked"
     state = {k: v for k, v in state.items() if not (k.endswith(counter) and k not in target)}
-    missing = [k for k in target if k not in state and not k.endswith(counter)]
-    unexpected = [k for k in state if k not in target]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-              for k in target if k in state and state[k].shape != target[k].shape]
+    diff = state_diff(state, target)
+    missing = [k for k in diff.missing if not k.endswith(counter)]
+    unexpected, shapes = diff.extra, diff.shapes
     if missing or unexpected or shapes:
         parts = []
         if missing:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ...errors import UserError
+from ..state_diff import state_diff
 
 #: BatchNorm step counters carry no weights (FrozenBatchNorm2d has none; BatchNorm2d restarts them).
 COUNTER = "num_batches_tracked"
@@ -88,10 +89,8 @@ def check_complete(tmap: TensorMap, target: dict[str, Tensor], what: str) -> dic
     unused = tmap.unused()
     wanted = {k: v for k, v in target.items() if not k.endswith(COUNTER)}
     out = {k: v for k, v in tmap.out.items() if not k.endswith(COUNTER)}
-    missing = sorted(k for k in wanted if k not in out)
-    extra = sorted(k for k in out if k not in wanted)
-    shapes = [f"{k} {tuple(out[k].shape)} vs model {tuple(wanted[k].shape)}"
-              for k in wanted if k in out and out[k].shape != wanted[k].shape]
+    diff = state_diff(out, wanted)
+    missing, extra, shapes = sorted(diff.missing), sorted(diff.extra), diff.shapes
     parts = []
     if unused:
         parts.append(f"{len(unused)} source tensors not understood: {summarise(unused)}")
