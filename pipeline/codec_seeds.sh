@@ -13,6 +13,8 @@ SEEDS=${CODEC_SEEDS:-0 1 2}
 EPOCHS=${QUICKSTART_EPOCHS:-1.5}
 DATA="$OUT/data/data.toml"
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=pipeline/cpu_scale.sh
+. "$here/cpu_scale.sh"
 [ -f "$OUT/teacher/final.pt" ] || { echo "no $OUT/teacher/final.pt: run pipeline/quickstart.sh $OUT first" >&2; exit 1; }
 
 student() {  # dir cache seed
@@ -29,8 +31,8 @@ for seed in $SEEDS; do  # fp16: the quickstart's cache; seed 0 is the quickstart
 done
 for step in $STEPS; do
   cache="$OUT/cache_compact$step.zarr"
-  defeat-cache extract --teacher r18_fpn_cpu --checkpoint "$OUT/teacher/final.pt" --data "$DATA" --out "$cache" \
-    --views orig,hflip --proposals 300 --codec compact --compact-step "$step"
+  defeat-cache extract --teacher "$CPU_TEACHER" --checkpoint "$OUT/teacher/final.pt" --data "$DATA" --out "$cache" \
+    "${CPU_CACHE_ARGS[@]}" --codec compact --compact-step "$step"
   [ -f "$OUT/inspect_compact$step.json" ] || defeat-cache inspect "$cache" --json > "$OUT/inspect_compact$step.json"
   for seed in $SEEDS; do student "$OUT/compact$step/defeat-seed$seed" "$cache" "$seed"; done
 done

@@ -11,6 +11,8 @@ TEACHER_EPOCHS=${QUICKSTART_TEACHER_EPOCHS:-4}
 EPOCHS=${QUICKSTART_EPOCHS:-1.5}
 SEED=${QUICKSTART_SEED:-0}
 mkdir -p "$OUT"
+# shellcheck source=pipeline/cpu_scale.sh
+. "$(dirname "$0")/cpu_scale.sh"
 
 step() { echo; echo "=== $* ==="; }
 
@@ -31,11 +33,11 @@ step "1/5 synthetic dataset"
 DATA=$(defeat-cache data shapes --out "$OUT/data")
 
 step "2/5 teacher r18_fpn_cpu"
-train teacher r18_fpn_cpu "$TEACHER_EPOCHS"
+train teacher "$CPU_TEACHER" "$TEACHER_EPOCHS"
 
 step "3/5 extract the teacher cache (once)"
-defeat-cache extract --teacher r18_fpn_cpu --checkpoint "$OUT/teacher/final.pt" --data "$DATA" \
-  --out "$OUT/cache.zarr" --views orig,hflip --proposals 300 --codec fp16
+defeat-cache extract --teacher "$CPU_TEACHER" --checkpoint "$OUT/teacher/final.pt" --data "$DATA" \
+  --out "$OUT/cache.zarr" "${CPU_CACHE_ARGS[@]}" --codec fp16
 defeat-cache inspect "$OUT/cache.zarr"
 
 step "4/5 plain student r18q_fpn_cpu"
