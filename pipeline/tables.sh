@@ -4,7 +4,8 @@
 # row alone reads OUT/cache_backbone.zarr, the same teacher's cache with backbone stages), many r18q_fpn_cpu
 # students on the quickstart's schedule (same epochs, batch 4). Pieces, each runnable alone:
 #   methods    plain, defeat_cpu, fgd, mgd_cpu, pkd_cpu, cwd_cpu, PKD + DeFeat cls; seeds 0 1 2
-#   ablations  the paper's Table 1 rows, Table 4 masks, Table 5 cls rows, obj-only vs bg-only neck; seeds 0 1
+#   ablations  the paper's Table 1 rows, Table 4 masks, Table 5 cls rows (decoupled and all-cls forms),
+#              obj-only vs bg-only neck; seeds 0 1
 #   table      `defeat-cache report` over every finished run: OUT/report/ (report.md: mean ± sd per group)
 # Every run goes to OUT/runs/NAME-seedS (a run shared by two pieces is trained once), is skipped when its
 # eval.json exists, and an interrupted one continues from its last.pt (--resume).
@@ -104,6 +105,12 @@ for piece in $PIECES; do
       add cls_pos "$ABLATION_SEEDS" $KD cls_pos
       add cls_neg "$ABLATION_SEEDS" $KD cls_neg
       add cls_decoupled "$ABLATION_SEEDS" $KD cls_decoupled
+      # ... and in the all-cls form (paper Eq. 2: lam x mean KL, one temperature; lam = 1, T = 1): over
+      # every sampled RoI, the positives only, the negatives only, the positives + as many negatives
+      add cls_all "$ABLATION_SEEDS" $KD cls_all
+      add cls_all_pos "$ABLATION_SEEDS" $KD cls_all_pos
+      add cls_all_neg "$ABLATION_SEEDS" $KD cls_all_neg
+      add cls_all_subneg "$ABLATION_SEEDS" $KD cls_all_subneg
       ;;
   esac
   [ "$piece" = table ] || count "$piece" "${PIECE[@]}"
