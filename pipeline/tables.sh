@@ -5,7 +5,7 @@
 # students on the quickstart's schedule (same epochs, batch 4). Pieces, each runnable alone:
 #   methods    plain, defeat_cpu, fgd, mgd_cpu, pkd_cpu, cwd_cpu, PKD + DeFeat cls; seeds 0 1 2
 #   ablations  the paper's Table 1 rows, Table 4 masks, Table 5 cls rows (decoupled and all-cls forms),
-#              obj-only vs bg-only neck; seeds 0 1
+#              Table 6 (student proposals), obj-only vs bg-only neck; seeds 0 1
 #   table      `defeat-cache report` over every finished run: OUT/report/ (report.md: mean ± sd per group)
 # Every run goes to OUT/runs/NAME-seedS (a run shared by two pieces is trained once), is skipped when its
 # eval.json exists, and an interrupted one continues from its last.pt (--resume).
@@ -111,6 +111,9 @@ for piece in $PIECES; do
       add cls_all_pos "$ABLATION_SEEDS" $KD cls_all_pos
       add cls_all_neg "$ABLATION_SEEDS" $KD cls_all_neg
       add cls_all_subneg "$ABLATION_SEEDS" $KD cls_all_subneg
+      # Table 6: the decoupled cls KD at the student's proposals, scored by the teacher's box head alone
+      # on the cached features (against cls_decoupled: the teacher's proposals)
+      add cls_student_rois "$ABLATION_SEEDS" $KD cls_student_rois --teacher-head "$QS/teacher/final.pt"
       ;;
   esac
   [ "$piece" = table ] || count "$piece" "${PIECE[@]}"
