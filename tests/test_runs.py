@@ -1,6 +1,6 @@
 """Training runs one can watch and trust: evaluation during training (--eval-every, best.pt,
 --keep-epochs), the run folder's hygiene (refused without --resume/--force, --force starting
-over cleanly), impossible option values, Ctrl-C / SIGTERM exit codes, the frozen-BN warning
+over cleanly, one training job per folder: the run lock), impossible option values, Ctrl-C / SIGTERM exit codes, the frozen-BN warning
 and the SGD flags.
 
 Tiny Faster R-CNN on the tiny shapes dataset (12 train / 6 val images); batch 4 -> 3
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,10 +24,12 @@ from click.testing import CliRunner
 from defeat_cache.cli import main
 from defeat_cache.engine import train as train_module
 from defeat_cache.engine.metrics import COCO_METRIC_NAMES
+from defeat_cache.engine.run_files import RUN_LOCK, RunLock
 from defeat_cache.engine.run_log import RunLog
 from defeat_cache.engine.schedule import plan_schedule
 from defeat_cache.engine.train import train
 from defeat_cache.errors import UserError
+from defeat_cache.locking import LockHolder
 from defeat_cache.models.checkpoint import read_checkpoint
 
 from builders import tiny_train_options, write_model_toml
@@ -200,6 +203,104 @@ def test_out_that_is_a_file_is_an_error(tmp_path, tiny_model_toml, tiny_shapes):
 
 
 # ------------------------------------------------------------------------------------------------
+# the run lock: one training job per run folder
+# ------------------------------------------------------------------------------------------------
+
+def _lock_naming(run: Path, pid: int) -> None:
+    """RUN/train.lock naming process `pid` of this host as its holder (as that process would write it)."""
+    run.mkdir(parents=True, exist_ok=True)
+    holder = LockHolder(socket.gethostname(), pid, "2026-12-01T20:00:00+00:00", "a" * 32)
+    (run / RUN_LOCK).write_bytes(holder.to_bytes())
+
+
+def _folder_bytes(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _error_lines(r) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_a_second_train_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path, tiny_model_toml,
+                                                                                    tiny_shapes):
+    run = tmp_path / "run"
+    first = _invoke(_train_argv(tiny_model_toml, tiny_shapes, run, "--max-iters", 1))
+    assert first.exit_code == 0, first.output
+    assert RUN_LOCK not in os.listdir(run)  # released after a normal run
+    alive = subprocess.Popen(["sleep", "30"])  # a live process of this host holds the run
+    try:
+        _lock_naming(run, alive.pid)
+        before = _folder_bytes(run)
+        for how in ([], ["--resume"], ["--force"]):
+            r = _invoke(_train_argv(tiny_model_toml, tiny_shapes, run, "--max-iters", 2, *how))
+            assert r.exit_code == 1 and "Traceback" not in r.output, (how, r.output)
+            assert _error_lines(r) == [
+                f"Error: {run} is being trained by another process (host {socket.gethostname()}, pid {alive.pid}, "
+                f"started 2026-12-01T20:00:00+00:00); wait for it to finish, or if that process is gone, delete "
+                f"{run / RUN_LOCK} and run again"], (how, r.stderr)
+            assert _folder_bytes(run) == before, how  # nothing cleared, trimmed or written; the lock is theirs
+    finally:
+        alive.kill()
+        alive.wait()
+    # the holder is gone: its lock is stale, taken over with a note, and the run continues
+    r = _invoke(_train_argv(tiny_model_toml, tiny_shapes, run, "--max-iters", 2, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert [m["iter"] for m in run_metrics(run)] == [1, 2]
+    assert f"took over the stale {RUN_LOCK} of a process that is gone (host {socket.gethostname()}, " \
+           f"pid {alive.pid}," in (run / "train.log").read_text()
+    assert RUN_LOCK not in os.listdir(run)
+
+
+def test_a_folder_holding_only_a_stale_lock_is_a_fresh_run(tmp_path, tiny_model_toml, tiny_shapes):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _lock_naming(tmp_path, dead.pid)
+    summary = train(_opts(tiny_model_toml, tiny_shapes, tmp_path, max_iters=1))  # no --force needed
+    assert summary["iterations"] == 1 and (tmp_path / "final.pt").is_file()
+    assert RUN_LOCK not in os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("error, exit_code, message", [
+    (UserError("the disk said no"), 1, "Error: the disk said no"),
+    (KeyboardInterrupt(), 130, "Error: interrupted"),  # a second Ctrl-C aborts at once
+], ids=["user_error", "keyboard_interrupt"])
+def test_the_run_lock_is_released_when_training_fails(tmp_path, tiny_model_toml, tiny_shapes, monkeypatch,
+                                                      error, exit_code, message):
+    def fail(self, iteration, *args):
+        raise error
+
+    monkeypatch.setattr(RunLog, "write", fail)
+    run = tmp_path / "run"
+    r = _invoke(_train_argv(tiny_model_toml, tiny_shapes, run, "--max-iters", 2))
+    assert r.exit_code == exit_code and _error_lines(r) == [message], r.output
+    assert (run / "config.json").is_file() and RUN_LOCK not in os.listdir(run)
+
+
+def test_a_refused_run_leaves_no_folder_and_no_lock(tmp_path, tiny_model_toml, tiny_shapes):
+    """A UserError after the lock was taken (a --resume with a changed seed; a dataset that is not
+    there) releases it; a folder only the lock had made goes with it."""
+    train(_opts(tiny_model_toml, tiny_shapes, tmp_path, max_iters=1))
+    before = _folder_bytes(tmp_path)
+    with pytest.raises(UserError, match="--resume with a changed computation: --seed 0 -> 1"):
+        train(_opts(tiny_model_toml, tiny_shapes, tmp_path, max_iters=2, resume=True, seed=1))
+    assert _folder_bytes(tmp_path) == before
+    with pytest.raises(UserError):
+        train(_opts(tiny_model_toml, tmp_path / "missing.toml", tmp_path / "new" / "run"))
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []
+
+
+def test_run_lock_refuses_a_second_holder_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run) as held:
+        with pytest.raises(UserError) as e:
+            RunLock(run).acquire()
+        assert str(e.value) == (f"{run} is being trained by another process ({held.me.describe()}); wait for it "
+                                f"to finish, or if that process is gone, delete {run / RUN_LOCK} and run again")
+        assert os.listdir(run) == [RUN_LOCK]
+    assert not run.exists()  # the folder the lock made, empty again, is removed
+
+
+# ------------------------------------------------------------------------------------------------
 # stopping: Ctrl-C and SIGTERM
 # ------------------------------------------------------------------------------------------------
 
@@ -231,6 +332,7 @@ def test_ctrl_c_writes_last_pt_exits_130_and_resumes(tmp_path, tiny_model_toml, 
     assert config["options"]["checkpoint_minutes"] == 5 and config["options"]["warmup_factor"] == 0.01
     assert "grad_norm" not in run_metrics(run)[0]  # no clipping, no norm computed
     assert "stopped (SIGINT) at iteration 2/3" in (run / "train.log").read_text()
+    assert RUN_LOCK not in os.listdir(run)  # released on the way out
 
     monkeypatch.setattr(RunLog, "write", write)
     r = _invoke(_train_argv(tiny_model_toml, tiny_shapes, run, "--max-iters", 3, "--resume", *sgd))
@@ -258,6 +360,7 @@ def test_sigterm_writes_last_pt_and_exits_143(tmp_path, tiny_model_toml, tiny_sh
     assert summary["stopped_by"] == "SIGTERM" and 1 <= summary["iterations"] < 500
     assert read_checkpoint(run / "last.pt")["iteration"] == summary["iterations"] == run_metrics(run)[-1]["iter"]
     assert "re-run with --resume to continue" in stderr
+    assert RUN_LOCK not in os.listdir(run)
 
 
 # ------------------------------------------------------------------------------------------------

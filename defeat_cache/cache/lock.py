@@ -3,247 +3,47 @@
 A job (one process, or rank 0 of a torchrun job on behalf of all its ranks) holds the lock
 from before it creates or resumes the cache until it ends, normally or with an error. The
 lock is a small JSON object ``LOCK_NAME`` inside the cache's folder or URL prefix, naming its
-holder: host, pid, the process's start time and a random token. A second job finds it and is
-refused with a message naming the holder. A lock whose holder is gone (same host, pid no longer
-alive or reused by another process) is stale and is taken over; a holder on another host
-cannot be checked from here, so its lock is only ever removed by the user.
-
-What is guaranteed (docs/design.md, "The extraction lock"):
-- local and shared POSIX filesystems (NFS included): taking the lock is atomic. The lock file
-  is written whole under a unique temporary name and published with ``os.link``, which fails
-  if the name exists (the NFS-safe form of O_CREAT|O_EXCL; a reader never sees a half-written
-  lock);
-- object storage: the lock object is written with a create-if-absent request (fsspec
-  ``mode="create"``: on AWS S3 a conditional PUT, If-None-Match: *) and read back. Stores
-  without conditional writes (and S3-compatible servers that ignore the header) only get the
-  read-back check: two jobs starting within the same moment could both pass it (best effort).
+holder; a second job is refused with a message naming the holder, a stale lock (its holder
+gone from this host) is taken over. How, and what is guaranteed on local filesystems and on
+object storage: `defeat_cache.locking` (one implementation for every stage's lock).
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
-import socket
-import time
-import uuid
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
+from .. import locking
+from ..locking import LockHolder
 from . import storage
 from .errors import CacheError
 
 __all__ = ["LOCK_NAME", "BREAK_NAME", "LockHolder", "ExtractLock", "read_lock_holder", "is_lock_file"]
 
 LOCK_NAME = "extract.lock"
-# Taking over a stale lock is "check it is still the stale one, then delete it"; two jobs
-# doing that at once could each delete the other's fresh lock. The job that holds this
-# second, short-lived lock is the only one allowed to delete a stale LOCK_NAME.
-BREAK_NAME = "extract.lock.break"
+BREAK_NAME = locking.break_name(LOCK_NAME)
 
 
 def is_lock_file(name: str) -> bool:
     """Whether a name in a cache's folder is the lock's (the lock, its break lock, their
     temporary files)."""
-    return name in (LOCK_NAME, BREAK_NAME) or (name.startswith(f".{LOCK_NAME}") and name.endswith(".tmp"))
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (Linux: /proc/PID/stat field 22), to tell a
-    reused pid from the process that wrote a lock; None where it cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]
-
-
-@dataclass(frozen=True)
-class LockHolder:
-    host: str
-    pid: int
-    started: str
-    token: str
-    process_start: str | None = None
-
-    @classmethod
-    def me(cls) -> "LockHolder":
-        pid = os.getpid()
-        return cls(host=socket.gethostname(), pid=pid,
-                   started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   token=uuid.uuid4().hex, process_start=_process_start(pid))
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> "LockHolder | None":
-        try:
-            d = json.loads(raw.decode())
-            return cls(host=str(d["host"]), pid=int(d["pid"]), started=str(d["started"]), token=str(d["token"]),
-                       process_start=d.get("process_start"))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            return None  # unreadable: treated as held (see _is_stale)
-
-    def describe(self) -> str:
-        return f"host {self.host}, pid {self.pid}, started {self.started}"
-
-    def is_stale(self) -> bool:
-        """Whether the holder is certainly gone: on this host, and its pid is not alive or now
-        belongs to a process started at another time. A holder elsewhere is never stale here."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            return False
-        now = _process_start(self.pid)
-        return self.process_start is not None and now is not None and now != self.process_start
-
-
-class _LocalFiles:
-    """Lock files in a local folder."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def where(self, name: str) -> str:
-        return str(self.root / name)
-
-    def create(self, name: str, data: bytes) -> bool:
-        """Atomically create `name` holding `data`; False if it exists."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.{uuid.uuid4().hex}.tmp"
-        tmp.write_bytes(data)
-        try:
-            os.link(tmp, self.root / name)  # fails if the name exists: the atomic step
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def read(self, name: str) -> bytes | None:
-        try:
-            return (self.root / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete(self, name: str) -> None:
-        (self.root / name).unlink(missing_ok=True)
-
-
-class _ObjectFiles:
-    """Lock objects under an fsspec URL prefix."""
-
-    def __init__(self, url: str, storage_options: dict | None):
-        import fsspec
-        self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self.url = url.rstrip("/")
-
-    def where(self, name: str) -> str:
-        return f"{self.url}/{name}"
-
-    def _key(self, name: str) -> str:
-        return f"{self.root.rstrip('/')}/{name}"
-
-    def create(self, name: str, data: bytes) -> bool:
-        key = self._key(name)
-        try:
-            self.fs.pipe_file(key, data, mode="create")  # S3: a conditional PUT (If-None-Match: *)
-        except FileExistsError:
-            return False
-        # Read back: a store that ignored the condition lets the last writer win; whoever
-        # reads another's bytes here has lost.
-        return self.read(name) == data
-
-    def read(self, name: str) -> bytes | None:
-        key = self._key(name)
-        self.fs.invalidate_cache(key)
-        try:
-            return self.fs.cat_file(key)
-        except FileNotFoundError:
-            return None
-
-    def delete(self, name: str) -> None:
-        try:
-            self.fs.rm_file(self._key(name))
-        except FileNotFoundError:
-            pass
-        self.fs.invalidate_cache(self._key(name))
+    return locking.is_lock_file(name, LOCK_NAME)
 
 
 def _files(path, storage_options: dict | None):
-    return _ObjectFiles(str(path), storage_options) if storage.is_url(path) else _LocalFiles(Path(path))
+    return locking.ObjectFiles(str(path), storage_options) if storage.is_url(path) else locking.LocalFiles(path)
 
 
 def read_lock_holder(path, storage_options: dict | None = None) -> LockHolder | None:
     """The holder named by the cache's lock, or None when there is no lock."""
-    raw = _files(path, storage_options).read(LOCK_NAME)
-    if raw is None:
-        return None
-    return LockHolder.from_bytes(raw) or LockHolder(host="?", pid=0, started="?", token="")
+    return locking.read_holder(_files(path, storage_options), LOCK_NAME)
 
 
-class ExtractLock:
-    """``with ExtractLock(out): ...`` holds the lock of the cache at `out` (see the module doc)."""
+class ExtractLock(locking.FolderLock):
+    """``with ExtractLock(out): ...`` holds the lock of the cache at `out` (a folder or URL)."""
 
-    #: how long a job waits for another one's takeover of a stale lock (it takes milliseconds)
-    BREAK_WAIT_S = 2.0
+    name = LOCK_NAME
+    error = CacheError
+    held_message = ("{path} is being written by another extract ({holder}); wait for it to finish, or if that "
+                    "process is gone, delete {lock} and run again")
+    broken_message = ("{path}: {break_file} was left by a process that died while taking over a stale extraction "
+                      "lock; delete it and run again")
 
     def __init__(self, path, storage_options: dict | None = None):
-        self.path = path
-        self.files = _files(path, storage_options)
-        self.me = LockHolder.me()
-        self.held = False
-
-    def acquire(self) -> None:
-        deadline = time.monotonic() + self.BREAK_WAIT_S
-        while True:
-            if self.files.create(LOCK_NAME, self.me.to_bytes()):
-                self.held = True
-                return
-            raw = self.files.read(LOCK_NAME)
-            if raw is None:
-                continue  # released between our attempt and the read: try again
-            holder = LockHolder.from_bytes(raw)
-            if holder is None or not holder.is_stale():
-                # a lock we cannot parse may be one being written by a store without atomic
-                # writes: it counts as held
-                who = holder.describe() if holder else "an unreadable lock"
-                raise CacheError(f"{self.path} is being written by another extract ({who}); wait for it to "
-                                 f"finish, or if that process is gone, delete {self.files.where(LOCK_NAME)} "
-                                 f"and run again")
-            if not self._break(raw) and time.monotonic() > deadline:
-                raise CacheError(f"{self.path}: {self.files.where(BREAK_NAME)} was left by a process that died "
-                                 f"while taking over a stale extraction lock; delete it and run again")
-
-    def _break(self, stale: bytes) -> bool:
-        """Delete the stale lock `stale` if it is still the one there; False if another job is
-        taking it over (the caller retries: it then finds that job's lock, or none)."""
-        if not self.files.create(BREAK_NAME, self.me.to_bytes()):
-            time.sleep(0.05)
-            return False
-        try:
-            # Holding BREAK_NAME, no other job deletes LOCK_NAME; the lock we judged stale is
-            # deleted only if it is still there byte for byte, never a fresh one taken meanwhile.
-            if self.files.read(LOCK_NAME) == stale:
-                self.files.delete(LOCK_NAME)
-        finally:
-            self.files.delete(BREAK_NAME)
-        return True
-
-    def release(self) -> None:
-        """Delete the lock if it is still ours (never another job's)."""
-        if self.held:
-            self.held = False
-            if self.files.read(LOCK_NAME) == self.me.to_bytes():
-                self.files.delete(LOCK_NAME)
-
-    def __enter__(self) -> "ExtractLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(path, _files(path, storage_options))

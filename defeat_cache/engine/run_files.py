@@ -9,7 +9,9 @@ epoch_NN.pt (after NN epochs, --keep-epochs) are the trained model alone, which 
 `load_trained` and `eval` need.
 
 A folder holding a run is only ever continued (--resume) or started over (--force, which
-removes these files and nothing else).
+removes these files and nothing else), by one job at a time: the job holds RUN_DIR/train.lock
+(`RunLock`, the same lock as extraction's, defeat_cache/locking.py) from before it checks,
+clears or writes anything there until it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .. import __version__
 from .. import distributed as du
 from ..data.records import DetectionData
 from ..errors import UserError
+from ..locking import FolderLock, LocalFiles
 from ..models.checkpoint import read_checkpoint, save_checkpoint, trained_model_payload
 from ..models.zoo import ModelSpec, spec_dict
 from ..progress import log
@@ -125,8 +128,45 @@ _EPOCH_FILE = re.compile(r"epoch_\d+\.pt")
 _TB_EVENTS = "events.out.tfevents."
 
 
+RUN_LOCK = "train.lock"
+
+
+class RunLock(FolderLock):
+    """``with RunLock(out): ...`` holds the run folder `out` (a local folder, made if missing):
+    a second training job into it is refused naming the holder; a stale lock (its process gone
+    from this host) is taken over (`took_over` names the holder it was taken from). A folder
+    the lock made is removed again on release if nothing else was written into it (a run
+    refused before it wrote anything leaves nothing behind)."""
+
+    name = RUN_LOCK
+    held_message = ("{path} is being trained by another process ({holder}); wait for it to finish, or if that "
+                    "process is gone, delete {lock} and run again")
+    broken_message = ("{path}: {break_file} was left by a process that died while taking over a stale run lock; "
+                      "delete it and run again")
+
+    def __init__(self, out: Path):
+        out = Path(out)
+        super().__init__(out, LocalFiles(out))
+        self._made_folder = False
+
+    def acquire(self) -> None:
+        existed = self.path.is_dir()
+        super().acquire()
+        self._made_folder = not existed
+
+    def release(self) -> None:
+        held = self.held
+        super().release()
+        if held and self._made_folder:
+            try:
+                self.path.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
 def check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
-    """Refuses to train into a folder that holds a run unless told to continue or restart it."""
+    """Refuses to train into a folder that holds a run unless told to continue or restart it.
+    Called holding the folder's `RunLock` (a run that finished meanwhile is seen)."""
     if resume and force:
         raise UserError("--resume continues the run in --out and --force starts it over: give one of them")
     if out.exists() and not out.is_dir():
@@ -138,7 +178,9 @@ def check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
 
 
 def _our_files(out: Path) -> list[Path]:
-    """The files a run wrote in `out` (with their .partial leftovers); nothing else."""
+    """The files a run wrote in `out` (with their .partial leftovers); nothing else. The run
+    lock's files are the run's too but never listed: clearing happens holding the lock, and a
+    lock file of another job (its temporary file, its break lock) is that job's to remove."""
     names = [*RUN_FILES, *(p.name for p in out.glob("epoch_*.pt") if _EPOCH_FILE.fullmatch(p.name))]
     files = [out / n for n in names] + [out / (n + ".partial") for n in names]
     tb = out / "tb"
@@ -317,5 +359,5 @@ def _check_state_fits(last: Path, step: nn.Module, state: dict) -> None:
                         "resume with this run's options, or train into a new --out")
 
 
-__all__ = ["Checkpoints", "RUN_FILES", "RUN_MARKERS", "check_resume_config", "check_run_dir", "clear_run",
+__all__ = ["Checkpoints", "RUN_FILES", "RUN_LOCK", "RUN_MARKERS", "RunLock", "check_resume_config", "check_run_dir", "clear_run",
            "read_config", "resume", "run_config", "trim_metrics", "write_config"]

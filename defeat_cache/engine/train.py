@@ -1,7 +1,8 @@
 """Student training: the paper's SGD schedule, with or without DeFeat distillation.
 
-One loop for all modes, read top to bottom. `train` checks the options and the run folder
-(a run in it is only continued with --resume or started over with --force), sets a run up
+One loop for all modes, read top to bottom. `train` checks the options, takes the run folder's
+lock (one training job per folder) and checks the folder (a run in it is only continued with
+--resume or started over with --force), sets a run up
 (the student; when distilling, the teacher source and the criterion; the data; the optimizer
 and lr schedule), resumes it from last.pt if asked, runs `train_one_epoch` until the
 schedule's iterations are done or a stop is requested (Ctrl-C / SIGTERM: a checkpoint, then
@@ -14,6 +15,7 @@ the detector's own losses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -34,6 +36,7 @@ from ..data.records import DetectionData
 from ..distill.distiller import Distiller, build_distiller
 from ..distill.sources import TeacherSource, build_teacher_source
 from ..errors import UserError
+from ..locking import LockHolder
 from ..models.checkpoint import load_weights
 from ..models.forward import detector_forward
 from ..models.sampling import item_seed, samplers_of, seeded_sampling
@@ -43,7 +46,8 @@ from ..progress import log, log_file
 from ..seeding import seeded_init
 from ..views import Preprocessing, ViewSet
 from .evaluate import evaluate
-from .run_files import Checkpoints, check_run_dir, clear_run, resume, run_config, trim_metrics, write_config
+from .run_files import (RUN_LOCK, Checkpoints, RunLock, check_run_dir, clear_run, resume, run_config, trim_metrics,
+                        write_config)
 from .run_log import RunClock, RunLog
 from .schedule import Optimization, Schedule, build_optimization, plan_schedule, run_epochs
 
@@ -113,17 +117,21 @@ def train(opts: TrainOptions) -> dict:
     signal's name); `stop_exit_code` turns that into the process's exit status."""
     device = _init_device(opts)
     out = Path(opts.out)
-    _check_run_dir(out, opts)
-    data = load_dataset(opts.data, "train")
-    spec = load_model_spec(opts.student)
-    val = _eval_data(opts, data)
-    out.mkdir(parents=True, exist_ok=True)
-    # a fresh start (--force, or leftovers of a run that never checkpointed): none of an earlier run's files stay
-    removed = clear_run(out) if du.is_main_process() and not opts.resume else []
-    with log_file(out / "train.log"):
-        if removed:
-            log(f"{out}: started over, removed the earlier run's {', '.join(removed)}")
-        return _train(opts, device, out, data, val, spec)
+    # the run lock (rank 0's, for all ranks) is held until this returns or raises, whatever ends the run
+    with contextlib.ExitStack() as held:
+        took_over = _lock_run_dir(out, opts, held)
+        data = load_dataset(opts.data, "train")
+        spec = load_model_spec(opts.student)
+        val = _eval_data(opts, data)
+        out.mkdir(parents=True, exist_ok=True)
+        # a fresh start (--force, or leftovers of a run that never checkpointed): none of an earlier run's files stay
+        removed = clear_run(out) if du.is_main_process() and not opts.resume else []
+        with log_file(out / "train.log"):
+            if took_over is not None:
+                log(f"{out}: took over the stale {RUN_LOCK} of a process that is gone ({took_over.describe()})")
+            if removed:
+                log(f"{out}: started over, removed the earlier run's {', '.join(removed)}")
+            return _train(opts, device, out, data, val, spec)
 
 
 def _train(opts: TrainOptions, device: torch.device, out: Path, data: DetectionData, val: DetectionData | None,
@@ -249,17 +257,22 @@ def _check_sgd_and_run_options(opts: TrainOptions) -> None:
         raise UserError("--resume continues the run in --out and --force starts it over: give one of them")
 
 
-def _check_run_dir(out: Path, opts: TrainOptions) -> None:
-    """`run_files.check_run_dir`, decided by rank 0 (other nodes may not see --out) for all ranks."""
-    problem = None
+def _lock_run_dir(out: Path, opts: TrainOptions, held: contextlib.ExitStack) -> LockHolder | None:
+    """Rank 0 takes the run lock of `out` into `held` for all ranks, then `run_files.check_run_dir`
+    decides under it (other nodes may not see --out); every rank gets rank 0's refusal. Returns
+    the holder of the stale lock taken over, if any (rank 0)."""
+    problem, took_over = None, None
     if du.is_main_process():
         try:
+            if out.is_dir() or not out.exists():  # a file at --out is check_run_dir's to refuse
+                took_over = held.enter_context(RunLock(out)).took_over
             check_run_dir(out, resume=opts.resume, force=opts.force)
         except UserError as e:
             problem = str(e)
     problem = du.broadcast_object(problem)
     if problem:
         raise UserError(problem)
+    return took_over
 
 
 def _continue_run_files(out: Path, iteration: int, run_state: dict, schedule: Schedule, opts: TrainOptions,
