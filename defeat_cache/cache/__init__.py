@@ -4,7 +4,7 @@ One module per job: layout.py (what is stored where: shapes, the item-index rule
 columns; the on-disk layout is described there), codecs.py (feature value and byte codecs),
 manifest.py (what a cache was made from), arrays.py (the arrays a layout implies, checked on
 opening), storage.py (paths, URLs, zarr plumbing), target.py (what an extraction's --out may
-hold), lock.py (one extraction job per cache),
+hold), lock.py (one extraction job per cache; the lock itself is defeat_cache/locking.py),
 writer.py (`CacheWriter`), reader.py (`TeacherCache`), verify.py and inspection.py (whole-
 cache checks and sizes), errors.py (the cache's `UserError`s), codec_bench.py
 (`measure_codec`), extract.py (stage 1: teacher -> cache; import it from there).
