@@ -269,3 +269,27 @@ def test_a_fault_on_one_rank_stops_every_rank_cleanly(tmp_path, fault, tiny_mode
         assert "Error: at iteration 1, loss is nan" in r.stderr  # rank 1, its own numbers
         assert "Error: at iteration 1, the loss of another rank is not finite" in r.stderr  # rank 0
         assert "engine/train.py" not in r.stderr  # no traceback of ours (torchrun adds its own summary)
+    assert not (out / "train.lock").exists()  # rank 0 released the job's run lock either way
+
+
+def test_a_held_run_folder_refuses_every_rank(tmp_path, tiny_model_toml, tiny_shapes):
+    """Rank 0 takes the run lock for its job; its refusal (another job holds the folder) reaches
+    rank 1, and both stop with the one line before anything is written."""
+    import socket
+    import subprocess
+    from defeat_cache.locking import LockHolder
+    out = tmp_path / "run"
+    out.mkdir()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = LockHolder(socket.gethostname(), alive.pid, "2026-12-01T20:00:00+00:00", "b" * 32).to_bytes()
+        (out / "train.lock").write_bytes(lock)
+        r = torchrun(["-m", "defeat_cache", "train", "--student", tiny_model_toml, "--data", tiny_shapes,
+                      "--out", out, "--max-iters", "1", "--batch-size", "1", "--workers", "0"], timeout=180)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert r.returncode != 0
+    refusal = f"Error: {out} is being trained by another process (host {socket.gethostname()}, pid {alive.pid},"
+    assert r.stderr.count(refusal) == 2, r.stderr[-3000:]  # rank 0's and rank 1's
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"] and (out / "train.lock").read_bytes() == lock
