@@ -6,7 +6,8 @@
 #   methods    plain, defeat_cpu, fgd, mgd_cpu, pkd_cpu, cwd_cpu, PKD + DeFeat cls; seeds 0 1 2
 #   ablations  the paper's Table 1 rows, Table 4 masks, Table 5 cls rows (decoupled and all-cls forms),
 #              Table 6 (student proposals), obj-only vs bg-only neck; seeds 0 1
-#   table      `defeat-cache report` over every finished run: OUT/report/ (report.md: mean ± sd per group)
+#   table      `defeat-cache report` over every finished run: OUT/report/ (report.md: mean ± sd per group;
+#              tables.md: the paper's tables, as in docs/results.md)
 # Every run goes to OUT/runs/NAME-seedS (a run shared by two pieces is trained once), is skipped when its
 # eval.json exists, and an interrupted one continues from its last.pt (--resume).
 # usage: bash pipeline/tables.sh [OUT] [PIECE...]      (default: out/tables methods ablations table)
@@ -140,5 +141,6 @@ if [[ " $PIECES " == *" table "* ]]; then
   for dir in "$OUT"/runs/*-seed*; do [ -f "$dir/eval.json" ] && finished+=("$dir"); done
   # every finished run, grouped by what it computes: mean ± sd over the seeds, loss curves
   defeat-cache report "${finished[@]}" --out "$OUT/report"
+  python "$here/tables_md.py" "$OUT"  # the same runs as docs/results.md's tables: OUT/report/tables.md
 fi
 echo "total time: $(($(date +%s) - started)) s"
