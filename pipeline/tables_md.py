@@ -6,7 +6,8 @@ Reads OUT/report/report.json (`defeat-cache report`, tables.sh's `table` piece) 
 as the paper's tables: one row per run name (NAME-seedS folders, seeds pooled), mean ± sample sd of
 AP over the seeds, every seed's AP (the spread), the gain over the plain student of the SAME seeds
 (a paired difference: each seed's student starts from the same initial weights), the row's AP in the
-paper where the paper's number is known, and the mean training time. A row whose runs are not all
+paper where the paper's number is known, and the training wall time of the fastest seed (the run least
+slowed by other jobs on a shared machine). A row whose runs are not all
 finished says how many are.
 """
 from __future__ import annotations
@@ -91,7 +92,7 @@ def section(title: str, seeds: tuple, paper_header: str, rows: list, by_name: di
     with_paper = any(paper for _, _, paper in rows)  # a column only where the paper's numbers are known
     lines = [f"### {title} (seeds {' '.join(map(str, seeds))})", "",
              "| row | AP | AP per seed | gain over plain (same seeds) | " + (f"{paper_header} | " if with_paper else "")
-             + "train time |", "|---|---|---|---|" + ("---|" if with_paper else "") + "---|"]
+             + "train time (fastest seed) |", "|---|---|---|---|" + ("---|" if with_paper else "") + "---|"]
     plain = {s: _ap(r) for s, r in by_name.get("plain", {}).items() if s in seeds}
     for name, label, paper in rows:
         runs = {s: r for s, r in by_name.get(name, {}).items() if s in seeds}
@@ -104,7 +105,7 @@ def section(title: str, seeds: tuple, paper_header: str, rows: list, by_name: di
         pairs = [done[s] - plain[s] for s in done if plain.get(s) is not None]
         gain = "" if name == "plain" or not pairs else (
             f"{statistics.mean(pairs):+.2f} (min {min(pairs):+.2f})" if len(pairs) > 1 else f"{pairs[0]:+.2f}")
-        minutes = statistics.mean(runs[s]["train_seconds"] for s in done) / 60
+        minutes = min(runs[s]["train_seconds"] for s in done) / 60  # the run least slowed by other jobs
         unfinished = "" if len(done) == len(aps) else f" ({len(done)} of {len(aps)} runs finished)"
         lines.append(f"| {label}{unfinished} | {_mean_sd(list(done.values()))} | {per_seed} | {gain} | "
                      + (f"{paper or ''} | " if with_paper else "") + f"{minutes:.1f} min |")
