@@ -88,18 +88,26 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _table_row(cells: list[str], paper: str | None, with_paper: bool) -> str:
+    """One Markdown row; the paper's cell goes before the last (time) cell, in sections that have it."""
+    if with_paper:
+        cells = [*cells[:-1], paper or "", cells[-1]]
+    return "| " + " | ".join(cells) + " |"
+
+
 def section(title: str, seeds: tuple, paper_header: str, rows: list, by_name: dict) -> list[str]:
     with_paper = any(paper for _, _, paper in rows)  # a column only where the paper's numbers are known
+    header = ["row", "AP", "AP per seed", "gain over plain (same seeds)", "train time (fastest seed)"]
     lines = [f"### {title} (seeds {' '.join(map(str, seeds))})", "",
-             "| row | AP | AP per seed | gain over plain (same seeds) | " + (f"{paper_header} | " if with_paper else "")
-             + "train time (fastest seed) |", "|---|---|---|---|" + ("---|" if with_paper else "") + "---|"]
+             _table_row(header, paper_header, with_paper),
+             _table_row(["---"] * len(header), "---", with_paper).replace(" ", "")]
     plain = {s: _ap(r) for s, r in by_name.get("plain", {}).items() if s in seeds}
     for name, label, paper in rows:
         runs = {s: r for s, r in by_name.get(name, {}).items() if s in seeds}
         aps = {s: _ap(r) for s, r in sorted(runs.items())}
         done = {s: a for s, a in aps.items() if a is not None}
         if not done:
-            lines.append(f"| {label} | not run yet | | | " + (f"{paper or ''} | " if with_paper else "") + "|")
+            lines.append(_table_row([label, "not run yet", "", "", ""], paper, with_paper))
             continue
         per_seed = ", ".join(f"{done[s]:.2f}" for s in done)
         pairs = [done[s] - plain[s] for s in done if plain.get(s) is not None]
@@ -107,8 +115,8 @@ def section(title: str, seeds: tuple, paper_header: str, rows: list, by_name: di
             f"{statistics.mean(pairs):+.2f} (min {min(pairs):+.2f})" if len(pairs) > 1 else f"{pairs[0]:+.2f}")
         minutes = min(runs[s]["train_seconds"] for s in done) / 60  # the run least slowed by other jobs
         unfinished = "" if len(done) == len(aps) else f" ({len(done)} of {len(aps)} runs finished)"
-        lines.append(f"| {label}{unfinished} | {_mean_sd(list(done.values()))} | {per_seed} | {gain} | "
-                     + (f"{paper or ''} | " if with_paper else "") + f"{minutes:.1f} min |")
+        lines.append(_table_row([f"{label}{unfinished}", _mean_sd(list(done.values())), per_seed, gain,
+                                 f"{minutes:.1f} min"], paper, with_paper))
     return lines + [""]
 
 
